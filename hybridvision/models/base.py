@@ -1,0 +1,151 @@
+"""The encoder contract and the generic segmenter.
+
+Every encoder in the zoo subclasses :class:`Encoder` and so exposes
+
+* ``out_channels: tuple[int, ...]`` — channels of each returned feature map,
+* ``reductions: tuple[int, ...]`` — stride of each map w.r.t. the input, e.g. ``(4, 8, 16, 32)``,
+* ``forward_features(x, mask=None, mask_token=None) -> list[Tensor]`` — NCHW maps,
+
+which is all decoders, SSL heads and distillation hooks rely on (cf. smp ``EncoderMixin``,
+timm ``forward_intermediates``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Encoder", "Segmenter", "pad_to_multiple", "mask_to", "apply_token_mask"]
+
+
+def pad_to_multiple(x: Tensor, multiple: int, value: float = 0.0) -> Tensor:
+    """Pad ``x`` (B, C, H, W) at the bottom/right so H and W are multiples of ``multiple``."""
+    h, w = x.shape[-2:]
+    ph = (multiple - h % multiple) % multiple
+    pw = (multiple - w % multiple) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    return F.pad(x, (0, pw, 0, ph), value=value)
+
+
+def mask_to(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize a patch mask (B, 1, h, w) to ``size`` with nearest neighbour; returns a float mask.
+
+    1 marks a masked position. ``size`` must be a multiple or a divisor of the mask grid so that
+    every output position belongs to exactly one patch.
+    """
+    mask = mask.to(torch.float32)
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask, size=size, mode="nearest")
+
+
+def apply_token_mask(feat: Tensor, mask: Tensor | None, mask_token: Tensor | None) -> Tensor:
+    """Replace masked positions of an NCHW map with ``mask_token`` (C,), or zero them if it is None.
+
+    Args:
+        feat: (B, C, H, W) feature map.
+        mask: (B, 1, h, w) patch mask, 1 = masked, or None (then ``feat`` is returned unchanged).
+        mask_token: (C,) learnable token, or None.
+    """
+    if mask is None:
+        return feat
+    m = mask_to(mask, feat.shape[-2:]).to(feat.dtype)
+    out = feat * (1.0 - m)
+    if mask_token is not None:
+        out = out + m * mask_token.to(feat.dtype).view(1, -1, 1, 1)
+    return out
+
+
+class Encoder(nn.Module):
+    """Base class of every encoder.
+
+    Subclasses set ``out_channels``, ``reductions``, ``size_divisor`` and ``mask_token_dim`` and
+    implement :meth:`_forward_features`. The base class pads inputs whose size is not a multiple
+    of ``size_divisor`` (bottom/right, zeros), so feature ``i`` has spatial size
+    ``ceil(H / size_divisor) * size_divisor / reductions[i]``.
+
+    Masked image modelling: ``forward_features(x, mask, mask_token)`` zeroes the masked input
+    pixels, then the subclass replaces masked positions after its first embedding by
+    ``mask_token`` (``apply_token_mask``) and zeroes them again after every convolutional stage
+    (SparK / ConvNeXt-V2 style), so masked pixels can reach a loss only as targets.
+    """
+
+    out_channels: tuple[int, ...]
+    reductions: tuple[int, ...]
+    size_divisor: int = 32
+    mask_token_dim: int
+    #: kwargs that rebuild this encoder with ``create_encoder(name, **build_kwargs)``
+    build_kwargs: dict[str, Any]
+
+    def forward_features(
+        self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None
+    ) -> list[Tensor]:
+        """Multi-scale features.
+
+        Args:
+            x: (B, in_chans, H, W) images.
+            mask: optional (B, 1, h, w) patch mask, 1 = masked; ``H`` and ``W`` (after padding)
+                must be multiples of ``h`` and ``w``.
+            mask_token: optional (mask_token_dim,) token for masked positions after the stem.
+
+        Returns:
+            list of (B, out_channels[i], H_pad / reductions[i], W_pad / reductions[i]).
+        """
+        if x.ndim != 4:
+            raise ValueError(f"{type(self).__name__} expects (B, C, H, W) input, got shape {tuple(x.shape)}")
+        x = pad_to_multiple(x, self.size_divisor)
+        if mask is not None:
+            h, w = mask.shape[-2:]
+            if mask.ndim != 4 or x.shape[-2] % h or x.shape[-1] % w:
+                raise ValueError(
+                    f"mask of shape {tuple(mask.shape)} does not tile the (padded) input of size "
+                    f"{tuple(x.shape[-2:])}: expected (B, 1, h, w) with h | H and w | W"
+                )
+            x = apply_token_mask(x, mask, None)
+        return self._forward_features(x, mask, mask_token)
+
+    def _forward_features(self, x: Tensor, mask: Tensor | None, mask_token: Tensor | None) -> list[Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.forward_features(x)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) that take no weight decay (tokens, pos-embeds)."""
+        return set()
+
+
+class Segmenter(nn.Module):
+    """Encoder + decoder returning logits (B, num_classes, H, W) at the input resolution.
+
+    The input is padded to a multiple of ``encoder.size_divisor``; the decoder output is resized
+    bilinearly (``align_corners=False``) to the padded size and cropped back to (H, W).
+    """
+
+    def __init__(self, encoder: Encoder, decoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.num_classes = num_classes
+        self.build_kwargs: dict[str, Any] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Args: x (B, in_chans, H, W). Returns logits (B, num_classes, H, W)."""
+        h, w = x.shape[-2:]
+        feats = self.encoder.forward_features(x)
+        logits = self.decoder(feats)
+        hp = math.ceil(h / self.encoder.size_divisor) * self.encoder.size_divisor
+        wp = math.ceil(w / self.encoder.size_divisor) * self.encoder.size_divisor
+        if tuple(logits.shape[-2:]) != (hp, wp):
+            logits = F.interpolate(logits, size=(hp, wp), mode="bilinear", align_corners=False)
+        return logits[..., :h, :w]
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {
+            f"decoder.{n}" for n in getattr(self.decoder, "no_weight_decay", lambda: set())()
+        }

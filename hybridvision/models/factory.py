@@ -1,0 +1,111 @@
+"""Build encoders, decoders and segmenters from registered names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .base import Encoder, Segmenter
+from .registry import (
+    SegmenterSpec,
+    UnknownModelError,
+    decoder_entrypoint,
+    encoder_entrypoint,
+    list_decoders,
+    list_encoders,
+    list_segmenters,
+    segmenter_spec,
+)
+
+__all__ = ["create_encoder", "create_decoder", "create_segmenter", "list_models", "DEFAULT_DECODER"]
+
+#: decoder used by ``create_segmenter(<encoder name>)`` when no preset names one
+DEFAULT_DECODER = "segformer_mlp"
+
+
+def create_encoder(name: str, in_chans: int = 3, weights: str | None = None, **overrides: Any) -> Encoder:
+    """Build a registered encoder.
+
+    Args:
+        name: registered encoder name (see ``list_models("encoder")``).
+        in_chans: input channels (1 for EM/CT, 3 for RGB, 4 for RGB+NIR, ...).
+        weights: optional path to a timm/torchvision checkpoint (``.safetensors``, ``.pth``, ``.bin``)
+            converted by the family's ``load_pretrained_weights`` (Swin, ResNet families).
+        **overrides: preset fields to override (e.g. ``drop_path_rate=0.1``).
+    """
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    encoder = encoder_entrypoint(name)(in_chans=in_chans, **overrides)
+    encoder.build_kwargs = {"name": name, "in_chans": in_chans, **overrides}
+    if weights is not None:
+        loader = getattr(encoder, "load_pretrained_weights", None)
+        if loader is None:
+            raise ValueError(
+                f"encoder {name!r} cannot load external weights with weights=; "
+                "use hybridvision.models.from_pretrained for hybridvision checkpoints"
+            )
+        loader(weights)
+    return encoder
+
+
+def create_decoder(
+    name: str, in_channels: tuple[int, ...], reductions: tuple[int, ...], num_classes: int, **kwargs: Any
+) -> nn.Module:
+    """Build a registered decoder for features with ``in_channels`` at ``reductions``."""
+    return decoder_entrypoint(name)(
+        in_channels=tuple(in_channels), reductions=tuple(reductions), num_classes=num_classes, **kwargs
+    )
+
+
+def create_segmenter(
+    name: str,
+    num_classes: int,
+    in_chans: int = 3,
+    decoder: str | None = None,
+    decoder_kwargs: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Segmenter:
+    """Build a segmenter: a registered preset (``segformer_b0``) or any encoder name + a decoder.
+
+    Args:
+        name: segmenter preset or encoder name.
+        num_classes: output channels (1 for binary with BCE).
+        in_chans: input channels.
+        decoder: decoder name; defaults to the preset's, or ``segformer_mlp`` for a bare encoder.
+        decoder_kwargs: decoder overrides (e.g. ``{"embed_dim": 128}``).
+        **overrides: encoder overrides (e.g. ``img_size=512``).
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if name in list_segmenters():
+        spec = segmenter_spec(name)
+    elif name in list_encoders():
+        spec = SegmenterSpec(encoder=name, decoder=DEFAULT_DECODER)
+    else:
+        raise UnknownModelError("segmenter or encoder", name, list_segmenters() + list_encoders())
+    enc_kwargs = {**spec.encoder_kwargs, **overrides}
+    dec_kwargs = {**spec.decoder_kwargs, **(decoder_kwargs or {})}
+    dec_name = decoder or spec.decoder
+    encoder = create_encoder(spec.encoder, in_chans=in_chans, **enc_kwargs)
+    dec = create_decoder(dec_name, encoder.out_channels, encoder.reductions, num_classes, **dec_kwargs)
+    model = Segmenter(encoder, dec, num_classes)
+    model.build_kwargs = {
+        "name": name,
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "decoder": decoder,
+        "decoder_kwargs": decoder_kwargs or {},
+        **overrides,
+    }
+    return model
+
+
+def list_models(kind: str = "all") -> list[str]:
+    """Registered names: ``kind`` is ``encoder``, ``decoder``, ``segmenter`` or ``all``."""
+    tables = {"encoder": list_encoders, "decoder": list_decoders, "segmenter": list_segmenters}
+    if kind == "all":
+        return sorted(set(list_encoders()) | set(list_segmenters()))
+    if kind not in tables:
+        raise ValueError(f"kind must be one of all, {', '.join(tables)}; got {kind!r}")
+    return tables[kind]()
