@@ -1,0 +1,27 @@
+# Two commands for a fresh machine: `make demo` (install + run the pipeline on the built-in
+# dataset) and `make test` (install + run the test suite). Both install with pip first.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+DEMO_DIR ?= runs/demo
+
+.PHONY: install install-dev demo test lint bench
+
+install:
+	$(PIP) install -q -e .
+
+install-dev:
+	$(PIP) install -q -e ".[dev]"
+
+demo: install
+	$(PYTHON) pretrain/run.py train.output_dir=$(DEMO_DIR)/pretrain
+	$(PYTHON) finetune/run.py train.output_dir=$(DEMO_DIR)/finetune model.init=$(DEMO_DIR)/pretrain/encoder
+
+test: install-dev
+	OMP_NUM_THREADS=2 $(PYTHON) -m pytest -q -p no:cacheprovider
+
+lint: install-dev
+	ruff check . && ruff format --check .
+
+bench: install-dev
+	$(PIP) install -q -e ".[bench]"
+	$(PYTHON) benchmarks/models.py
