@@ -1,0 +1,199 @@
+"""Self-supervised pretraining of a hybrid encoder: NT-Xent, masked image modelling, or both.
+
+    accelerate launch pretrain/run.py [--config configs/pretrain/X.yaml] [key=value ...]
+    python pretrain/run.py                      # built-in synthetic data, a few CPU minutes
+
+Writes ``<train.output_dir>/encoder/`` (``model.safetensors`` + ``config.json``), loadable with
+``hybridvision.models.from_pretrained`` and by ``finetune/run.py model.init=<dir>``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `pretrain` package
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
+
+from hybridvision.config import DataConfig, cli_main, config_to_dict  # noqa: E402
+from hybridvision.data.from_config import build_labelled_datasets  # noqa: E402
+from hybridvision.data.from_config import build_unlabelled_dataset  # noqa: E402
+from hybridvision.data.transforms import build_seg_transforms  # noqa: E402
+from hybridvision.engine import Engine, StepOutput, find_latest_checkpoint  # noqa: E402
+from hybridvision.models import create_encoder, save_pretrained  # noqa: E402
+from hybridvision.probe import dense_linear_probe  # noqa: E402
+from pretrain.config import PretrainConfig  # noqa: E402
+from pretrain.monitors import make_mim_grid  # noqa: E402
+from pretrain.objectives import PretrainModel, scaled_lr  # noqa: E402
+from pretrain.views import build_pretrain_transform  # noqa: E402
+
+
+def build_model(cfg: PretrainConfig) -> PretrainModel:
+    obj = cfg.objective
+    encoder = create_encoder(cfg.model.name, in_chans=cfg.data.in_chans, **cfg.model.overrides)
+    return PretrainModel(
+        encoder,
+        obj.name,
+        in_chans=cfg.data.in_chans,
+        temperature=obj.temperature,
+        projection_dim=obj.projection_dim,
+        projection_hidden_dim=obj.projection_hidden_dim or None,
+        projection_layers=obj.projection_layers,
+        mask_patch_size=obj.mask_patch_size,
+        mask_ratio=obj.mask_ratio,
+        decoder=obj.mim_decoder,
+        decoder_dim=obj.mim_decoder_dim,
+        mim_loss=obj.mim_loss,
+        norm_pix_loss=obj.norm_pix_loss,
+        contrastive_weight=obj.contrastive_weight,
+        mim_weight=obj.mim_weight,
+    )
+
+
+def probe_loaders(cfg: PretrainConfig) -> tuple[DataLoader, DataLoader] | None:
+    """Labelled data of the dense linear probe (eval transforms only)."""
+    p = cfg.probe
+    if p.source == "none":
+        return None
+    size = cfg.data.image_size
+    data = DataConfig(
+        source=p.source,
+        split=p.split,
+        val_split=p.val_split,
+        in_chans=cfg.data.in_chans,
+        image_size=size,
+        num_classes=p.num_classes,
+        ignore_index=cfg.data.ignore_index,
+        synthetic_samples=p.train_images,
+        synthetic_val_samples=p.val_images,
+        normalize=cfg.data.normalize,
+        window=cfg.data.window,
+    )
+    tf = build_seg_transforms(
+        False,
+        size if p.source != "synthetic" else None,
+        in_chans=data.in_chans,
+        normalize=data.normalize,
+        window=data.window,
+        ignore_index=data.ignore_index,
+    )
+    train, val = build_labelled_datasets(data, tf, tf, seed=cfg.train.seed + 7, check="lazy")
+    if val is None:
+        raise ValueError("probe.val_split is empty: the probe needs a held-out split")
+    train = Subset(train, range(min(p.train_images, len(train))))
+    val = Subset(val, range(min(p.val_images, len(val))))
+    bs = cfg.train.batch_size
+    return DataLoader(train, batch_size=bs), DataLoader(val, batch_size=bs)
+
+
+def export_encoder(cfg: PretrainConfig):
+    extra = {"stage": "pretrain", "objective": cfg.objective.name, "run_config": config_to_dict(cfg)}
+
+    def export(model: nn.Module, directory: Path) -> None:
+        save_pretrained(model.encoder, directory, extra=extra)
+
+    return export
+
+
+def main(cfg: PretrainConfig) -> None:
+    # NT-Xent reads only the last stage: earlier stages' output norms get no gradient under DDP
+    engine = Engine(
+        cfg.train,
+        cfg.optim,
+        run_config=cfg,
+        project_name="pretrain",
+        find_unused_parameters=cfg.objective.name == "contrastive",
+    )
+    acc = engine.accelerator
+    if cfg.objective.lr_scaling != "none":
+        global_batch = cfg.train.batch_size * cfg.train.grad_accum_steps * acc.num_processes
+        cfg.optim.lr = scaled_lr(cfg.optim.lr, global_batch, cfg.objective.lr_scaling)
+        engine.print(
+            f"optim.lr scaled ({cfg.objective.lr_scaling}, global batch {global_batch}) to {cfg.optim.lr:.3g}"
+        )
+    model = build_model(cfg)
+    if cfg.objective.sync_batchnorm and acc.num_processes > 1 and acc.device.type == "cuda":  # CUDA-only op
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    size = cfg.data.image_size
+    if size[0] != size[1]:
+        raise ValueError(f"data.image_size={size}: pretraining crops are square, give equal sides")
+    transform = build_pretrain_transform(
+        cfg.objective.name,
+        cfg.data.in_chans,
+        size[0],
+        preset=cfg.objective.augment_preset,
+        normalize=cfg.data.normalize,
+        min_scale=cfg.objective.min_crop_scale,
+    )
+    dataset = build_unlabelled_dataset(
+        cfg.data, transform, seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes
+    )
+    probes = probe_loaders(cfg)
+
+    def step_fn(m: nn.Module, batch: dict) -> StepOutput:
+        out = m(batch)
+        logs = {f"loss_{k}": v for k, v in out.terms.items()} | out.stats
+        images = None
+        every = cfg.train.log_images_every
+        due = every and (engine.state.step + 1) % every == 0
+        if due and out.images is not None and acc.is_main_process:
+            im = out.images
+            images = {
+                "mim/masked|reconstruction|original": make_mim_grid(
+                    im["masked"], im["reconstruction"], im["original"], mask=im.get("mask")
+                )
+            }
+        return StepOutput(loss=out.loss, logs=logs, images=images)
+
+    def eval_fn(eng: Engine, m: nn.Module) -> dict[str, float]:
+        if probes is None:
+            return {}
+        encoder = acc.unwrap_model(m).encoder
+        with acc.autocast():
+            return dense_linear_probe(
+                encoder,
+                probes[0],
+                probes[1],
+                cfg.probe.num_classes,
+                stages=cfg.probe.stages,
+                ignore_index=cfg.data.ignore_index,
+                seed=cfg.train.seed,
+            )
+
+    fresh = cfg.train.resume == "never" or (
+        cfg.train.resume == "auto" and not find_latest_checkpoint(cfg.train.output_dir)
+    )
+    if probes is not None and cfg.probe.at_start and fresh:
+        with torch.no_grad():
+            start = eval_fn(engine, model)
+        engine.log({f"eval/{k}": v for k, v in start.items()}, step=0)
+        engine.print("probe at init: " + ", ".join(f"{k}={v:.4f}" for k, v in start.items()))
+
+    result = engine.fit(
+        model,
+        dataset,
+        step_fn,
+        eval_fn=eval_fn,
+        export_fn=export_encoder(cfg),
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.persistent_workers,
+        pin_memory=cfg.data.pin_memory,
+    )
+    out_dir = Path(cfg.train.output_dir) / "encoder"
+    if acc.is_main_process:
+        export_encoder(cfg)(acc.unwrap_model(engine.model), out_dir)
+    acc.wait_for_everyone()
+    metrics = result["final_metrics"]
+    if metrics:
+        engine.print("probe after pretraining: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    engine.print(
+        f"encoder written to {out_dir}  (fine-tune with: python finetune/run.py model.init={out_dir})"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(PretrainConfig, main))
