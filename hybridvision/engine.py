@@ -34,6 +34,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import (
     DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
     GradientAccumulationPlugin,
     ProjectConfiguration,
     set_seed,
@@ -138,9 +139,18 @@ class Engine:
         optim: the ``optim.*`` section.
         run_config: the stage's full resolved config (saved next to every checkpoint).
         project_name: tracker run name.
+        find_unused_parameters: DDP option for models whose step leaves some parameters without a
+            gradient (e.g. contrastive pretraining reads only the last stage of the encoder).
     """
 
-    def __init__(self, train: TrainConfig, optim: OptimConfig, run_config: Any = None, project_name: str = "run"):
+    def __init__(
+        self,
+        train: TrainConfig,
+        optim: OptimConfig,
+        run_config: Any = None,
+        project_name: str = "run",
+        find_unused_parameters: bool = False,
+    ):
         self.cfg = train
         self.optim_cfg = optim
         self.run_config = run_config
@@ -160,6 +170,7 @@ class Engine:
             ),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
             step_scheduler_with_optimizer=False,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
         )
         set_seed(train.seed, device_specific=False)
         self.project_name = project_name
@@ -348,6 +359,7 @@ class Engine:
         step_fn: Callable[[nn.Module, Any], StepOutput],
         eval_fn: Callable[[Engine, nn.Module], dict[str, float]] | None = None,
         export_fn: Callable[[nn.Module, Path], None] | None = None,
+        on_step_end: Callable[[Engine], None] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         num_workers: int = 0,
         persistent_workers: bool = False,
@@ -363,6 +375,7 @@ class Engine:
                 and at the end, on every process (it must gather across processes itself).
             export_fn: ``(unwrapped_model, directory)`` writing the exportable model; called on the
                 main process at every checkpoint (``<checkpoint>/export``).
+            on_step_end: ``(engine)`` called after every optimizer step (e.g. an EMA update).
             optimizer: defaults to :func:`build_optimizer` over ``model``'s parameters.
 
         Returns:
@@ -391,7 +404,7 @@ class Engine:
 
         self._stop.install()
         try:
-            result = self._loop(loader, step_fn, eval_fn, export_fn)
+            result = self._loop(loader, step_fn, eval_fn, export_fn, on_step_end)
         finally:
             self._stop.restore()
             if self._trackers_started:
@@ -399,7 +412,7 @@ class Engine:
                 self._trackers_started = False
         return result
 
-    def _loop(self, loader, step_fn, eval_fn, export_fn) -> dict[str, Any]:
+    def _loop(self, loader, step_fn, eval_fn, export_fn, on_step_end) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
         model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
         global_batch = cfg.batch_size * acc.num_processes
@@ -411,7 +424,7 @@ class Engine:
             bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc=self.project_name, dynamic_ncols=True)
 
         window_loss = torch.zeros((), device=acc.device)
-        window_terms: dict[str, float] = {}
+        window_terms: dict[str, Tensor] = {}
         window_steps = 0
         t0 = time.perf_counter()
         seen0 = self.state.images_seen
@@ -442,8 +455,9 @@ class Engine:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 step_loss += out.loss.detach() / cfg.grad_accum_steps
-                for k, v in out.logs.items():
-                    window_terms[k] = window_terms.get(k, 0.0) + float(v) / cfg.grad_accum_steps
+                for k, v in out.logs.items():  # kept as tensors: no device sync per step
+                    v = v.detach() if isinstance(v, Tensor) else torch.tensor(float(v))
+                    window_terms[k] = window_terms.get(k, 0.0) + v / cfg.grad_accum_steps
                 if out.images is not None:
                     last_images = out.images
                 self.state.images_seen += global_batch
@@ -475,6 +489,8 @@ class Engine:
             scheduler.step()
             self.state.step += 1
             step = self.state.step
+            if on_step_end is not None:
+                on_step_end(self)
 
             if bar is not None:
                 bar.update(1)
@@ -492,7 +508,7 @@ class Engine:
                 if grad_norm is not None:
                     logs["train/grad_norm"] = float(grad_norm)
                 n = max(window_steps, 1)
-                logs.update({f"train/{k}": v / n for k, v in window_terms.items()})
+                logs.update({f"train/{k}": float(v) / n for k, v in window_terms.items()})
                 self.log(logs, step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['train/lr']:.2e}", img_s=f"{ips:.1f}")
