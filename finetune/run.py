@@ -1,0 +1,131 @@
+"""Fine-tune a segmenter (from a pretrained encoder, a released checkpoint, or scratch) and evaluate it.
+
+    accelerate launch finetune/run.py [--config configs/finetune/X.yaml] [key=value ...]
+    python finetune/run.py        # built-in synthetic data; starts from runs/pretrain/encoder if present
+
+Writes ``<train.output_dir>/model/`` (``from_pretrained``-loadable) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `finetune` package
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
+
+from finetune.config import DEFAULT_PRETRAINED_ENCODER, FALLBACK_MODEL, FinetuneConfig  # noqa: E402
+from finetune.evaluate import evaluate_segmenter  # noqa: E402
+from hybridvision.config import cli_main, config_to_dict  # noqa: E402
+from hybridvision.data.from_config import build_labelled_datasets  # noqa: E402
+from hybridvision.data.transforms import build_seg_transforms  # noqa: E402
+from hybridvision.engine import Engine, StepOutput  # noqa: E402
+from hybridvision.io import write_json_atomic  # noqa: E402
+from hybridvision.losses import build_segmentation_loss  # noqa: E402
+from hybridvision.models import save_pretrained  # noqa: E402
+from hybridvision.models.transfer import build_segmenter  # noqa: E402
+
+
+def resolve_init(cfg: FinetuneConfig) -> str:
+    init = cfg.model.init
+    if init == "auto":
+        return DEFAULT_PRETRAINED_ENCODER if (Path(DEFAULT_PRETRAINED_ENCODER) / "config.json").is_file() else ""
+    return init
+
+
+def scheduled_size(cfg: FinetuneConfig, step: int) -> int | None:
+    """Side length of the progressive-resizing schedule at ``step`` (None: no schedule)."""
+    side = None
+    for start, value in cfg.augment.size_schedule:
+        if step >= start:
+            side = value
+    return side
+
+
+def main(cfg: FinetuneConfig) -> None:
+    engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="finetune")
+    acc = engine.accelerator
+    d = cfg.data
+    init = resolve_init(cfg)
+    name = cfg.model.name or ("" if init else FALLBACK_MODEL)
+    model, report = build_segmenter(
+        name, d.num_classes, d.in_chans, init=init, strict=cfg.model.init_strict,
+        decoder=cfg.model.decoder or None, decoder_kwargs=cfg.model.decoder_kwargs or None,
+        overrides=cfg.model.overrides,
+    )
+    engine.print(report.summary())
+
+    aug = cfg.augment
+    train_tf = build_seg_transforms(
+        True, d.image_size, in_chans=d.in_chans, scale=aug.scale, hflip=aug.hflip, vflip=aug.vflip,
+        rot90=aug.rot90, color_jitter=aug.color_jitter, elastic=aug.elastic, normalize=d.normalize,
+        window=d.window, ignore_index=d.ignore_index,
+    )
+    eval_tf = build_seg_transforms(False, None, in_chans=d.in_chans, normalize=d.normalize, window=d.window,
+                                   ignore_index=d.ignore_index)
+    train_set, val_set = build_labelled_datasets(d, train_tf, eval_tf, seed=cfg.train.seed)
+    criterion = build_segmentation_loss(
+        d.num_classes, d.ignore_index, cfg.loss.weights, cfg.loss.class_weights or None, cfg.loss.label_smoothing
+    )
+
+    ema = None
+    if cfg.model.ema_decay > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.model.ema_decay), use_buffers=True)
+        acc.register_for_checkpointing(ema)
+
+    def step_fn(m: nn.Module, batch: dict) -> StepOutput:
+        images, masks = batch["image"], batch["mask"]
+        side = scheduled_size(cfg, engine.state.step)
+        if side is not None and side != images.shape[-1]:  # progressive resizing, per batch
+            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+            masks = F.interpolate(masks[:, None].float(), size=(side, side), mode="nearest")[:, 0].long()
+        out = criterion(m(images), masks)
+        return StepOutput(loss=out.total, logs={f"loss_{k}": v for k, v in out.terms.items()})
+
+    def on_step_end(eng: Engine) -> None:
+        if ema is not None:
+            ema.update_parameters(acc.unwrap_model(eng.model))
+
+    def eval_model(m: nn.Module) -> nn.Module:
+        return ema.module if ema is not None else acc.unwrap_model(m)
+
+    eval_loader = None
+    if val_set is not None:
+        eval_loader = acc.prepare_data_loader(torch.utils.data.DataLoader(val_set, batch_size=cfg.eval.batch_size))
+
+    def eval_fn(eng: Engine, m: nn.Module) -> dict:
+        metrics, grid = evaluate_segmenter(eval_model(m), eval_loader, cfg, acc)
+        if grid is not None:
+            eng.log_images({"eval/input|truth|prediction": grid})
+        per_class = {f"iou/{n}": v for n, v in zip(metrics["class_names"], metrics["iou"]) if v is not None}
+        eng.log(per_class)
+        return metrics
+
+    def export(m: nn.Module, directory: Path) -> None:
+        target = ema.module if ema is not None else m
+        save_pretrained(target, directory, extra={"stage": "finetune", "init": init, "run_config": config_to_dict(cfg)})
+
+    result = engine.fit(
+        model, train_set, step_fn, eval_fn=eval_fn if eval_loader is not None else None, export_fn=export,
+        on_step_end=on_step_end, num_workers=d.num_workers, persistent_workers=d.persistent_workers,
+        pin_memory=d.pin_memory,
+    )
+    out = Path(cfg.train.output_dir)
+    if acc.is_main_process:
+        export(acc.unwrap_model(engine.model), out / "model")
+        metrics = result["final_metrics"]
+        write_json_atomic(out / "metrics.json", {"step": result["step"], "init": init or "scratch", **metrics})
+    acc.wait_for_everyone()
+    m = result["final_metrics"]
+    if m:
+        engine.print(f"mIoU={m['miou']:.4f} mean Dice={m['mean_dice']:.4f} pixel acc={m['pixel_accuracy']:.4f} "
+                     f"(per class IoU: {', '.join(f'{n}={v:.3f}' for n, v in zip(m['class_names'], m['iou']) if v is not None)})")
+    engine.print(f"model written to {out / 'model'}; metrics in {out / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(FinetuneConfig, main))

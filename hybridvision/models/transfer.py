@@ -1,0 +1,194 @@
+"""Build a segmenter and initialise it from a pretrained source (``model.init``).
+
+Sources:
+
+* an encoder directory written by ``pretrain/`` (or any ``save_pretrained`` encoder): its
+  ``config.json`` names the architecture, so the user need not repeat it;
+* a segmenter directory (ours, or a transformers SegFormer checkpoint directory);
+* a Hugging Face hub id of either;
+* a timm / torchvision weights file (``.safetensors``, ``.pth``, ``.bin``) for encoders that can
+  convert one (``load_pretrained_weights``);
+* nothing (scratch).
+
+The result reports loaded / missing / unexpected / skipped keys. A tensor whose shape differs is
+an error naming it and both shapes, unless ``strict=False`` (then it is skipped and listed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .base import Encoder, Segmenter
+from .factory import create_segmenter, list_models
+from .hub import from_pretrained, read_model_config
+
+__all__ = ["InitReport", "build_segmenter", "load_matching"]
+
+
+@dataclass
+class InitReport:
+    """What initialisation did, for one readable summary line per item."""
+
+    source: str = ""
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # shape mismatches skipped with strict=False
+
+    def summary(self) -> str:
+        if not self.source:
+            return "model initialised from scratch (random weights)"
+
+        def few(names: list[str]) -> str:
+            return ", ".join(names[:6]) + (f", ... (+{len(names) - 6})" if len(names) > 6 else "")
+
+        lines = [f"initialised from {self.source}: {len(self.loaded)} tensors loaded"]
+        if self.missing:
+            lines.append(f"  missing (kept random init): {len(self.missing)}: {few(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  unexpected (ignored): {len(self.unexpected)}: {few(self.unexpected)}")
+        if self.skipped:
+            lines.append(f"  skipped for shape mismatch: {len(self.skipped)}: {few(self.skipped)}")
+        return "\n".join(lines)
+
+
+def load_matching(
+    target: nn.Module, state: dict[str, Any], strict: bool, report: InitReport, prefix: str = ""
+) -> None:
+    """Copy tensors of ``state`` into ``target`` by name; shape mismatches error unless not strict."""
+    own = target.state_dict()
+    to_load = {}
+    for name, tensor in state.items():
+        if name not in own:
+            report.unexpected.append(prefix + name)
+            continue
+        if tuple(own[name].shape) != tuple(tensor.shape):
+            if strict:
+                raise ValueError(
+                    f"shape mismatch for parameter {prefix + name}: checkpoint {tuple(tensor.shape)} vs "
+                    f"model {tuple(own[name].shape)} (set model.init_strict=false to skip mismatched tensors)"
+                )
+            report.skipped.append(f"{prefix + name} {tuple(tensor.shape)}->{tuple(own[name].shape)}")
+            continue
+        to_load[name] = tensor
+        report.loaded.append(prefix + name)
+    report.missing.extend(prefix + n for n in own if n not in state)
+    target.load_state_dict(to_load, strict=False)
+
+
+def _encoder_name_of(config: dict[str, Any]) -> str | None:
+    meta = config.get("hybridvision")
+    if not meta:
+        return None
+    build = meta["build"]
+    if meta["kind"] == "encoder":
+        return build["name"]
+    return None
+
+
+def build_segmenter(
+    name: str,
+    num_classes: int,
+    in_chans: int = 3,
+    init: str = "",
+    strict: bool = True,
+    decoder: str | None = None,
+    decoder_kwargs: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[Segmenter, InitReport]:
+    """Build a segmenter named ``name`` (or the one ``init`` implies) and initialise it from ``init``.
+
+    Args:
+        name: segmenter preset or encoder name; may be empty when ``init`` names the architecture.
+        num_classes: classes of the new task.
+        in_chans: input channels.
+        init: source of weights (see module docstring); ``""`` for scratch.
+        strict: shape mismatches are errors (True) or skipped and listed (False).
+        decoder / decoder_kwargs / overrides: passed to :func:`create_segmenter`.
+    """
+    overrides = dict(overrides or {})
+    report = InitReport()
+    if not init:
+        if not name:
+            raise ValueError("model.name is empty and model.init is not set: nothing says which model to build")
+        return create_segmenter(name, num_classes, in_chans, decoder, decoder_kwargs, **overrides), report
+
+    path = Path(init)
+    if path.is_file():  # timm / torchvision weights for the encoder
+        if not name:
+            raise ValueError(f"model.init={init} is a weights file: set model.name to the encoder it belongs to")
+        model = create_segmenter(name, num_classes, in_chans, decoder, decoder_kwargs, **overrides)
+        loader = getattr(model.encoder, "load_pretrained_weights", None)
+        if loader is None:
+            raise ValueError(f"encoder of {name!r} cannot convert external weight files ({init})")
+        loader(str(path))
+        report.source = f"{init} (external weights converted into the encoder)"
+        report.loaded = [f"encoder.{n}" for n in model.encoder.state_dict()]
+        return model, report
+
+    config = read_model_config(init)
+    src_encoder = _encoder_name_of(config)
+    if src_encoder is not None:
+        # an encoder directory: it carries the architecture
+        build = dict(config["hybridvision"]["build"])
+        src_in = build.pop("in_chans", in_chans)
+        build.pop("name")
+        if src_in != in_chans:
+            raise ValueError(f"{init} was pretrained with in_chans={src_in} but data.in_chans={in_chans}")
+        if name and name != src_encoder:
+            preset_encoder = _preset_encoder(name)
+            if preset_encoder != src_encoder:
+                raise ValueError(
+                    f"model.name={name!r} (encoder {preset_encoder!r}) conflicts with model.init={init}, "
+                    f"which holds a {src_encoder!r} encoder; drop model.name or make them agree"
+                )
+        model = create_segmenter(
+            name or src_encoder, num_classes, in_chans, decoder, decoder_kwargs, **{**build, **overrides}
+        )
+        encoder = from_pretrained(init)
+        load_matching(model.encoder, encoder.state_dict(), strict, report, prefix="encoder.")
+        report.source = f"{init} (encoder {src_encoder})"
+        report.missing = [m for m in report.missing if not m.startswith("decoder.")]
+        report.missing.extend(f"decoder.{n}" for n in model.decoder.state_dict())
+        return model, report
+
+    # a full model directory (ours or transformers SegFormer) or hub id
+    loaded = from_pretrained(init)
+    if isinstance(loaded, Segmenter):
+        build = dict(loaded.build_kwargs)
+        src_name = build.pop("name")
+        for key in ("num_classes", "in_chans"):
+            build.pop(key, None)
+        if name and name != src_name and _preset_encoder(name) != _preset_encoder(src_name):
+            raise ValueError(f"model.name={name!r} conflicts with model.init={init}, which holds {src_name!r}")
+        build.update(overrides)
+        dec = build.pop("decoder", None) if decoder is None else decoder
+        dkw = build.pop("decoder_kwargs", None) if decoder_kwargs is None else decoder_kwargs
+        build.pop("decoder", None)
+        build.pop("decoder_kwargs", None)
+        model = create_segmenter(src_name, num_classes, in_chans, dec, dkw, **build)
+        load_matching(model, loaded.state_dict(), strict, report)
+    elif isinstance(loaded, Encoder):
+        build = dict(loaded.build_kwargs)
+        src_name = build.pop("name")
+        build.pop("in_chans", None)
+        model = create_segmenter(name or src_name, num_classes, in_chans, decoder, decoder_kwargs, **build, **overrides)
+        load_matching(model.encoder, loaded.state_dict(), strict, report, prefix="encoder.")
+    else:  # pragma: no cover - from_pretrained only returns the two kinds
+        raise TypeError(type(loaded))
+    report.source = init
+    return model, report
+
+
+def _preset_encoder(name: str) -> str:
+    from .registry import list_segmenters, segmenter_spec
+
+    if name in list_segmenters():
+        return segmenter_spec(name).encoder
+    if name in list_models("encoder"):
+        return name
+    return name

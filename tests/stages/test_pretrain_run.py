@@ -1,0 +1,64 @@
+"""pretrain/run.py end to end: outputs, errors, two processes, and that pretraining helps."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # each test starts the stage script in a fresh interpreter
+
+from ._util import run_stage, tiny_pretrain_args
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain")
+    res = run_stage("pretrain/run.py", *tiny_pretrain_args(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_pretrain_writes_loadable_encoder(pretrained: Path):
+    from hybridvision.models import Encoder, from_pretrained
+
+    enc_dir = pretrained / "encoder"
+    assert (enc_dir / "model.safetensors").is_file()
+    cfg = json.loads((enc_dir / "config.json").read_text())
+    assert cfg["hybridvision"]["kind"] == "encoder" and cfg["hybridvision"]["build"]["name"] == "hybrid_nano"
+    assert cfg["extra"]["objective"] == "contrastive_mim"
+    assert isinstance(from_pretrained(enc_dir), Encoder)
+    assert (pretrained / "checkpoints" / "step_00000002" / "trainer_state.json").is_file()
+
+
+def test_unknown_key_exits_nonzero_naming_it(tmp_path: Path):
+    res = run_stage("pretrain/run.py", "train.bogus_key=1", f"train.output_dir={tmp_path}")
+    assert res.returncode == 2
+    assert "bogus_key" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_unknown_model_name_lists_valid(tmp_path: Path):
+    res = run_stage("pretrain/run.py", *tiny_pretrain_args(tmp_path), "model.name=hybrid_nanoo")
+    assert res.returncode == 2
+    assert "hybrid_nanoo" in res.stderr and "hybrid_nano" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["contrastive", "mim"])
+def test_single_objectives_run(tmp_path: Path, objective: str):
+    res = run_stage("pretrain/run.py", *tiny_pretrain_args(tmp_path), f"objective.name={objective}", "probe.source=none")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "encoder" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_launch(tmp_path: Path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(29700 + os.getpid() % 200)]
+    res = run_stage("pretrain/run.py", *tiny_pretrain_args(tmp_path), "probe.source=none",
+                    env={"ACCELERATE_USE_CPU": "true"}, launch=launch)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "encoder" / "model.safetensors").is_file()
