@@ -46,18 +46,28 @@ def scheduled_size(cfg: FinetuneConfig, step: int) -> int | None:
     return side
 
 
-def main(cfg: FinetuneConfig) -> None:
+def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
+    """Fine-tune and evaluate; returns the final metrics.
+
+    Args:
+        cfg: the resolved config.
+        model: a ready segmentation module ``(B, C, H, W) -> (B, K, H, W)`` to train instead of the one
+            ``cfg.model`` describes (used by ``benchmarks/peers_seg.py`` for peer libraries' models,
+            which are then not exported).
+    """
     engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="finetune")
     acc = engine.accelerator
     d = cfg.data
-    init = resolve_init(cfg)
-    name = cfg.model.name or ("" if init else FALLBACK_MODEL)
-    model, report = build_segmenter(
-        name, d.num_classes, d.in_chans, init=init, strict=cfg.model.init_strict,
-        decoder=cfg.model.decoder or None, decoder_kwargs=cfg.model.decoder_kwargs or None,
-        overrides=cfg.model.overrides,
-    )
-    engine.print(report.summary())
+    init = resolve_init(cfg) if model is None else "external"
+    exportable = model is None
+    if model is None:
+        name = cfg.model.name or ("" if init else FALLBACK_MODEL)
+        model, report = build_segmenter(
+            name, d.num_classes, d.in_chans, init=init, strict=cfg.model.init_strict,
+            decoder=cfg.model.decoder or None, decoder_kwargs=cfg.model.decoder_kwargs or None,
+            overrides=cfg.model.overrides,
+        )
+        engine.print(report.summary())
 
     aug = cfg.augment
     train_tf = build_seg_transforms(
@@ -110,13 +120,15 @@ def main(cfg: FinetuneConfig) -> None:
         save_pretrained(target, directory, extra={"stage": "finetune", "init": init, "run_config": config_to_dict(cfg)})
 
     result = engine.fit(
-        model, train_set, step_fn, eval_fn=eval_fn if eval_loader is not None else None, export_fn=export,
+        model, train_set, step_fn, eval_fn=eval_fn if eval_loader is not None else None,
+        export_fn=export if exportable else None,
         on_step_end=on_step_end, num_workers=d.num_workers, persistent_workers=d.persistent_workers,
         pin_memory=d.pin_memory,
     )
     out = Path(cfg.train.output_dir)
     if acc.is_main_process:
-        export(acc.unwrap_model(engine.model), out / "model")
+        if exportable:
+            export(acc.unwrap_model(engine.model), out / "model")
         metrics = result["final_metrics"]
         write_json_atomic(out / "metrics.json", {"step": result["step"], "init": init or "scratch", **metrics})
     acc.wait_for_everyone()
@@ -124,7 +136,9 @@ def main(cfg: FinetuneConfig) -> None:
     if m:
         engine.print(f"mIoU={m['miou']:.4f} mean Dice={m['mean_dice']:.4f} pixel acc={m['pixel_accuracy']:.4f} "
                      f"(per class IoU: {', '.join(f'{n}={v:.3f}' for n, v in zip(m['class_names'], m['iou']) if v is not None)})")
-    engine.print(f"model written to {out / 'model'}; metrics in {out / 'metrics.json'}")
+    written = f"model written to {out / 'model'}; " if exportable else ""
+    engine.print(f"{written}metrics in {out / 'metrics.json'}")
+    return m
 
 
 if __name__ == "__main__":
