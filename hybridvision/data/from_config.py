@@ -1,0 +1,166 @@
+"""Build datasets from a :class:`~hybridvision.config.DataConfig` (``data.source``).
+
+``data.source`` is one of
+
+* ``synthetic`` — the built-in procedurally generated shapes set (the default everywhere);
+* a folder in the layout ``images/<split>/<id>.<ext>`` (+ ``masks/<split>/<id>.png`` when labelled);
+* any other folder of images (unlabelled, searched recursively) — pretraining only;
+* a ``datasets`` ``save_to_disk`` folder, or a Hugging Face hub id ``owner/name``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ..config import ConfigError, DataConfig
+from .folder import ImageFolderDataset, SegmentationFolderDataset, split_by_ids
+from .hf import load_hf_dataset
+from .synthetic import SyntheticShapesDataset
+
+__all__ = [
+    "source_kind",
+    "build_unlabelled_dataset",
+    "build_labelled_datasets",
+    "class_names",
+    "SYNTHETIC_VAL_SEED_OFFSET",
+]
+
+#: the synthetic evaluation set uses ``seed + offset`` so it never repeats training images
+SYNTHETIC_VAL_SEED_OFFSET = 100_003
+
+Transform = Callable[[dict], Any]
+
+
+def source_kind(source: str) -> str:
+    """``synthetic`` | ``folder`` (images/<split> layout) | ``image_folder`` | ``hf_disk`` | ``hub``."""
+    if source == "synthetic":
+        return "synthetic"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "images").is_dir():
+            return "folder"
+        if any((path / n).is_file() for n in ("dataset_dict.json", "dataset_info.json", "state.json")):
+            return "hf_disk"
+        return "image_folder"
+    if path.exists():
+        raise ConfigError(f"data.source={source!r} is a file; expected a folder, a hub id or 'synthetic'")
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return "hub"
+    raise ConfigError(
+        f"data.source={source!r}: no such folder (and not a hub id 'owner/name' or 'synthetic')"
+    )
+
+
+def _synthetic_classes(cfg: DataConfig) -> int:
+    return max(cfg.num_classes, 2)
+
+
+def build_unlabelled_dataset(
+    cfg: DataConfig, transform: Transform | None, seed: int = 0, rank: int = 0, world_size: int = 1
+) -> Dataset:
+    """Images for self-supervised pretraining (masks, if any, are not read)."""
+    kind = source_kind(cfg.source)
+    if kind == "synthetic":
+        return SyntheticShapesDataset(
+            num_samples=cfg.synthetic_samples,
+            image_size=cfg.image_size,
+            num_classes=_synthetic_classes(cfg),
+            in_chans=cfg.in_chans,
+            seed=seed,
+            labelled=False,
+            transform=transform,
+        )
+    if kind == "folder":
+        root = Path(cfg.source) / "images" / cfg.split
+        if not root.is_dir():
+            raise ConfigError(f"data.split={cfg.split!r}: folder {root} does not exist")
+        return ImageFolderDataset(root, in_chans=cfg.in_chans, transform=transform)
+    if kind == "image_folder":
+        return ImageFolderDataset(cfg.source, in_chans=cfg.in_chans, transform=transform)
+    return load_hf_dataset(
+        cfg.source,
+        split=cfg.split,
+        image_column=cfg.image_column,
+        mask_column=None,
+        in_chans=cfg.in_chans,
+        transform=transform,
+        streaming=cfg.streaming,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def build_labelled_datasets(
+    cfg: DataConfig,
+    train_transform: Transform | None,
+    eval_transform: Transform | None,
+    seed: int = 0,
+    check: str = "full",
+) -> tuple[Dataset, Dataset | None]:
+    """(train, validation) image+mask datasets; validation is None when ``data.val_split=''``."""
+    kind = source_kind(cfg.source)
+    ignore = cfg.ignore_index
+    classes = max(cfg.num_classes, 2)
+    if kind == "synthetic":
+        common = dict(image_size=cfg.image_size, num_classes=classes, in_chans=cfg.in_chans, labelled=True)
+        train = SyntheticShapesDataset(cfg.synthetic_samples, seed=seed, transform=train_transform, **common)
+        val = None
+        if cfg.val_split and cfg.synthetic_val_samples:
+            val = SyntheticShapesDataset(
+                cfg.synthetic_val_samples,
+                seed=seed + SYNTHETIC_VAL_SEED_OFFSET,
+                transform=eval_transform,
+                **common,
+            )
+        return train, val
+    if kind == "folder":
+        common = dict(num_classes=classes, ignore_index=ignore, in_chans=cfg.in_chans, check=check)
+        if cfg.val_ids:
+            return split_by_ids(
+                cfg.source,
+                cfg.split,
+                cfg.val_ids,
+                train_transform=train_transform,
+                holdout_transform=eval_transform,
+                **common,
+            )
+        train = SegmentationFolderDataset(cfg.source, cfg.split, transform=train_transform, **common)
+        val = None
+        if cfg.val_split:
+            val = SegmentationFolderDataset(cfg.source, cfg.val_split, transform=eval_transform, **common)
+        return train, val
+    if kind == "image_folder":
+        raise ConfigError(
+            f"data.source={cfg.source} has no images/ and masks/ folders: fine-tuning needs "
+            "images/<split>/<id>.<ext> with masks/<split>/<id>.png"
+        )
+    hf = dict(
+        image_column=cfg.image_column,
+        mask_column=cfg.mask_column,
+        in_chans=cfg.in_chans,
+        num_classes=classes,
+        ignore_index=ignore,
+    )
+    train = load_hf_dataset(cfg.source, split=cfg.split, transform=train_transform, **hf)
+    val = (
+        load_hf_dataset(cfg.source, split=cfg.val_split, transform=eval_transform, **hf)
+        if cfg.val_split
+        else None
+    )
+    return train, val
+
+
+def class_names(cfg: DataConfig) -> list[str]:
+    """``data.class_names``, else the synthetic set's names, else ``class_<i>``."""
+    size = max(cfg.num_classes, 2)
+    if cfg.class_names:
+        return list(cfg.class_names)
+    if cfg.source == "synthetic":
+        from .synthetic import SHAPE_CLASSES
+
+        return ["background"] + [c.name for c in SHAPE_CLASSES[: size - 1]]
+    return [f"class_{i}" for i in range(size)]

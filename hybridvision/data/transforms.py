@@ -1,0 +1,252 @@
+"""Segmentation transforms on sample dicts, built from ``torchvision.transforms.v2``.
+
+Every transform takes and returns the sample dict ``{"image": tv_tensors.Image, "mask":
+tv_tensors.Mask, "id": str}``; spatial ops move image and mask together, masks are resampled
+with nearest-neighbour interpolation and padded with ``ignore_index``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+__all__ = [
+    "AlignedResize",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PerImageNormalize",
+    "RandomRot90",
+    "RandomScale",
+    "Window",
+    "build_seg_transforms",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Normalize = str | tuple[Sequence[float], Sequence[float]]
+
+
+class Window(v2.Transform):
+    """Intensity windowing: map raw values in ``[center - width/2, center + width/2]`` to [0, 1].
+
+    The usual CT display window (e.g. soft tissue: center 40 HU, width 400 HU); values outside are
+    clipped. Applies to images only.
+
+    Args:
+        center: Window centre in raw units.
+        width: Window width in raw units (> 0).
+    """
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, center: float, width: float) -> None:
+        super().__init__()
+        if width <= 0:
+            raise ValueError(f"window width must be > 0, got {width}")
+        self.center, self.width = float(center), float(width)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        low = self.center - self.width / 2.0
+        out = ((inpt.as_subclass(torch.Tensor).float() - low) / self.width).clamp_(0.0, 1.0)
+        return tv_tensors.wrap(out, like=inpt)
+
+
+class PerImageNormalize(v2.Transform):
+    """Normalise each channel of each image by its own mean and standard deviation.
+
+    Args:
+        eps: Added to the standard deviation (flat images stay finite).
+    """
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        x = inpt.as_subclass(torch.Tensor).float()  # (C, H, W)
+        mean = x.mean(dim=(-2, -1), keepdim=True)
+        std = x.std(dim=(-2, -1), keepdim=True, unbiased=False)
+        return tv_tensors.wrap((x - mean) / (std + self.eps), like=inpt)
+
+
+class RandomRot90(v2.Transform):
+    """Rotate image and mask together by a random multiple of 90 degrees (exact, no resampling)."""
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"k": int(torch.randint(4, ()).item())}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return tv_tensors.wrap(
+            torch.rot90(inpt.as_subclass(torch.Tensor), params["k"], dims=(-2, -1)), like=inpt
+        )
+
+
+def _resize(inpt: Any, size: list[int]) -> Any:
+    """Bilinear (antialiased) for images, centre-aligned nearest (``NEAREST_EXACT``) for masks.
+
+    Plain ``NEAREST`` samples source pixel ``floor(i * in / out)``, shifted by up to half a source
+    pixel against the centre-aligned bilinear grid; ``NEAREST_EXACT`` keeps masks on the image grid.
+    """
+    if isinstance(inpt, tv_tensors.Mask):
+        return F.resize(inpt, size, interpolation=v2.InterpolationMode.NEAREST_EXACT)
+    return F.resize(inpt, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+
+
+class AlignedResize(v2.Transform):
+    """Resize image (bilinear) and mask (centre-aligned nearest) to a fixed size.
+
+    Args:
+        size: Output (H, W).
+    """
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = [int(size[0]), int(size[1])]
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return _resize(inpt, self.size)
+
+
+class RandomScale(v2.Transform):
+    """Resize image and mask by one random factor relative to their own size.
+
+    Args:
+        scale: Range ``(low, high)`` of the factor, drawn uniformly.
+    """
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
+
+    def __init__(self, scale: tuple[float, float]) -> None:
+        super().__init__()
+        if not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
+        self.scale = (float(scale[0]), float(scale[1]))
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = F.get_size(flat_inputs[0])
+        factor = self.scale[0] + float(torch.rand(())) * (self.scale[1] - self.scale[0])
+        return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return _resize(inpt, params["size"])
+
+
+def build_seg_transforms(
+    train: bool,
+    size: tuple[int, int] | None = None,
+    *,
+    in_chans: int = 3,
+    scale: tuple[float, float] = (0.5, 2.0),
+    hflip: bool = True,
+    vflip: bool = False,
+    rot90: bool = False,
+    color_jitter: float = 0.0,
+    elastic: float = 0.0,
+    normalize: Normalize = "imagenet",
+    window: tuple[float, float] | None = None,
+    ignore_index: int = 255,
+) -> v2.Compose:
+    """Build the train or eval transform for segmentation samples.
+
+    Train: window -> random 90-degree rotation -> random scale -> random crop to ``size`` (image
+    padded with 0, mask with ``ignore_index``) -> flips -> elastic -> colour jitter ->
+    normalisation. Eval: window -> resize to ``size`` (if given) -> normalisation.
+
+    Args:
+        train: Training (random augmentation) or evaluation pipeline.
+        size: Output (H, W): crop size when training, resize target when evaluating. None keeps
+            the input size (training then skips scale and crop).
+        in_chans: Image channels; decides the normalisation statistics and colour jitter.
+        scale: Random rescaling range, relative to the input size (training).
+        hflip: Random horizontal flip (training).
+        vflip: Random vertical flip (training).
+        rot90: Random rotation by k * 90 degrees (training; with non-square inputs the crop
+            restores ``size``).
+        color_jitter: Strength c of brightness/contrast/saturation (c each) and hue (c / 4)
+            jitter; 0 disables. RGB gets all four, 1-channel images brightness and contrast only,
+            other channel counts none. Expects values in [0, 1] (after ``window``).
+        elastic: Displacement strength ``alpha`` (pixels) of an elastic deformation with
+            smoothness sigma = 5 (less for crops under 41 pixels) (training); 0 disables.
+        normalize: ``"imagenet"`` (1 or 3 channels), ``"per_image"`` (each image's own channel
+            mean/std), ``"none"``, or explicit ``(mean, std)`` sequences of length ``in_chans``.
+        window: ``(center, width)`` intensity window on raw values (e.g. CT Hounsfield units),
+            applied first; None disables.
+        ignore_index: Mask value for pixels created by padding or deformation.
+
+    Returns:
+        A ``v2.Compose`` taking and returning a sample dict.
+    """
+    fill = {tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index}
+    steps: list[v2.Transform] = []
+    if window is not None:
+        steps.append(Window(*window))
+    if train:
+        if rot90:
+            steps.append(RandomRot90())
+        if size is not None:
+            steps.append(RandomScale(scale))
+            steps.append(v2.RandomCrop(size, pad_if_needed=True, fill=fill))
+        if hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        if vflip:
+            steps.append(v2.RandomVerticalFlip())
+        if elastic > 0:
+            # The displacement blur pads by ~4 sigma, which must stay below the image side.
+            sigma = 5.0 if size is None else min(5.0, (min(size) - 1) / 8)
+            steps.append(v2.ElasticTransform(alpha=float(elastic), sigma=sigma, fill=fill))
+        if color_jitter > 0:
+            steps.extend(_color_jitter(color_jitter, in_chans))
+    elif size is not None:
+        steps.append(AlignedResize(size))
+    steps.extend(_normalization(normalize, in_chans))
+    return v2.Compose(steps or [v2.Identity()])
+
+
+def _color_jitter(strength: float, in_chans: int) -> list[v2.Transform]:
+    if in_chans == 3:
+        return [v2.ColorJitter(strength, strength, strength, min(0.5, strength / 4))]
+    if in_chans == 1:
+        return [v2.ColorJitter(brightness=strength, contrast=strength)]
+    logger.info("color_jitter=%s ignored for in_chans=%d", strength, in_chans)
+    return []
+
+
+def _normalization(normalize: Normalize, in_chans: int) -> list[v2.Transform]:
+    if isinstance(normalize, str):
+        if normalize == "none":
+            return []
+        if normalize == "per_image":
+            return [PerImageNormalize()]
+        if normalize == "imagenet":
+            if in_chans == 3:
+                return [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+            if in_chans == 1:  # channel average, for grayscale inputs to ImageNet-style models
+                return [v2.Normalize([sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3])]
+            raise ValueError(
+                f"normalize='imagenet' needs in_chans 1 or 3, got {in_chans}; "
+                "pass explicit (mean, std) or 'per_image'"
+            )
+        raise ValueError(
+            f"normalize must be 'imagenet', 'per_image', 'none' or (mean, std); got {normalize!r}"
+        )
+    mean, std = normalize
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(
+            f"normalize (mean, std) have lengths {len(mean)} and {len(std)}, expected in_chans={in_chans}"
+        )
+    return [v2.Normalize(list(mean), list(std))]

@@ -1,0 +1,166 @@
+"""Hugging Face sources on local files: save_to_disk, imagefolder, streaming shard disjointness."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import save
+
+from hybridvision.data import HFSegmentationDataset, HFStreamingDataset, build_dataloader, load_hf_dataset
+
+datasets = pytest.importorskip("datasets")
+
+
+def make_rows(n: int, size=(6, 5), num_classes=3, seed=0) -> dict[str, list]:
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(n)]
+    masks = [rng.integers(0, num_classes, size, dtype=np.uint8) for _ in range(n)]
+    return {"id": [f"s{i:03d}" for i in range(n)], "images": images, "masks": masks}
+
+
+def save_to_disk(path, rows, *, dict_splits=False, class_label=False):
+    from PIL import Image
+
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "pixels": datasets.Image(),
+            "label": datasets.ClassLabel(names=["a", "b"]) if class_label else datasets.Image(),
+        }
+    )
+    data = {
+        "id": rows["id"],
+        "pixels": [Image.fromarray(a) for a in rows["images"]],
+        "label": [i % 2 for i in range(len(rows["id"]))]
+        if class_label
+        else [Image.fromarray(m) for m in rows["masks"]],
+    }
+    ds = datasets.Dataset.from_dict(data, features=features)
+    if dict_splits:
+        ds = datasets.DatasetDict({"train": ds, "validation": ds.select(range(2))})
+    ds.save_to_disk(str(path))
+    return path
+
+
+def test_load_from_disk_map_style(tmp_path):
+    rows = make_rows(5)
+    path = save_to_disk(tmp_path / "saved", rows)
+    ds = load_hf_dataset(path, image_column="pixels", mask_column="label", num_classes=3)
+    assert isinstance(ds, HFSegmentationDataset) and len(ds) == 5
+    sample = ds[3]
+    assert sample["id"] == "s003"
+    torch.testing.assert_close(sample["image"], torch.from_numpy(rows["images"][3]).permute(2, 0, 1) / 255)
+    assert sample["mask"].dtype == torch.int64 and sample["mask"].tolist() == rows["masks"][3].tolist()
+    gray = load_hf_dataset(path, image_column="pixels", in_chans=1)
+    assert set(gray[0]) == {"image", "id"} and gray[0]["image"].shape == (1, 6, 5)
+
+
+def test_dataset_dict_split_selection_and_missing_split(tmp_path):
+    path = save_to_disk(tmp_path / "dd", make_rows(4), dict_splits=True)
+    assert len(load_hf_dataset(path, split="validation", image_column="pixels")) == 2
+    with pytest.raises(
+        ValueError, match=r"split 'test' not found.*available splits: \['train', 'validation'\]"
+    ):
+        load_hf_dataset(path, split="test", image_column="pixels")
+
+
+def test_missing_column_names_it_and_the_available_ones(tmp_path):
+    path = save_to_disk(tmp_path / "saved", make_rows(2))
+    with pytest.raises(ValueError, match=r"column 'image' not found.*\['id', 'pixels', 'label'\]"):
+        load_hf_dataset(path)  # default image_column="image"
+    with pytest.raises(ValueError, match=r"column 'segmentation' not found"):
+        load_hf_dataset(path, image_column="pixels", mask_column="segmentation")
+
+
+def test_classification_label_is_not_a_mask(tmp_path):
+    path = save_to_disk(tmp_path / "cls", make_rows(2), class_label=True)
+    ds = load_hf_dataset(path, image_column="pixels", mask_column="label")
+    with pytest.raises(ValueError, match=r"row 's000' column 'label' holds int values, not per-pixel masks"):
+        ds[0]
+
+
+def test_mask_values_checked(tmp_path):
+    rows = make_rows(2, num_classes=5)
+    path = save_to_disk(tmp_path / "saved", rows)
+    ds = load_hf_dataset(path, image_column="pixels", mask_column="label", num_classes=2, ignore_index=255)
+    with pytest.raises(
+        ValueError, match=r"row 's000' column 'label' has values \[2, 3, 4\] outside \[0, 2\)"
+    ):
+        ds[0]
+
+
+def test_imagefolder_with_mask_metadata_and_unlabelled(tmp_path):
+    rng = np.random.default_rng(3)
+    root = tmp_path / "folder"
+    lines = []
+    expected = {}
+    for i in range(3):
+        image = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+        mask = rng.integers(0, 2, (4, 6), dtype=np.uint8)
+        save(root / f"img{i}.png", image)
+        save(root / "masks" / f"img{i}.png", mask)
+        lines.append(
+            json.dumps({"file_name": f"img{i}.png", "mask_file_name": f"masks/img{i}.png", "id": f"n{i}"})
+        )
+        expected[f"n{i}"] = (image, mask)
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    ds = load_hf_dataset(root, mask_column="mask", num_classes=2, cache_dir=tmp_path / "cache")
+    assert len(ds) == 3
+    for sample in (ds[i] for i in range(3)):
+        image, mask = expected[sample["id"]]
+        torch.testing.assert_close(sample["image"], torch.from_numpy(image).permute(2, 0, 1) / 255)
+        assert sample["mask"].tolist() == mask.tolist()
+
+    plain = tmp_path / "plain"
+    for i in range(2):
+        save(plain / f"p{i}.png", rng.integers(0, 256, (4, 6), dtype=np.uint8))
+    unlabelled = load_hf_dataset(plain, cache_dir=tmp_path / "cache")
+    assert len(unlabelled) == 2 and unlabelled[1]["image"].shape == (3, 4, 6) and unlabelled[1]["id"] == "1"
+
+
+def collect_ids(source, world_size: int, num_workers: int, **kwargs) -> list[list[str]]:
+    """Ids seen by each (rank, worker) pair; a rank's workers are told apart by the id prefix."""
+    per_rank = []
+    for rank in range(world_size):
+        ds = load_hf_dataset(source, streaming=True, rank=rank, world_size=world_size, **kwargs)
+        assert isinstance(ds, HFStreamingDataset) and ds.shards_itself is True
+        loader = build_dataloader(ds, batch_size=2, shuffle=True, num_workers=num_workers)
+        per_rank.append([i for batch in loader for i in batch["id"]])
+    return per_rank
+
+
+@pytest.mark.parametrize("num_shards", [8, 3])  # 3: not divisible by world_size -> per-example split
+def test_streaming_shards_are_disjoint_and_complete(tmp_path, num_shards):
+    rows = make_rows(22)
+    path = save_to_disk(tmp_path / "saved", rows)
+    per_rank = collect_ids(path, world_size=2, num_workers=2, image_column="pixels", num_shards=num_shards)
+    seen = [i for ids in per_rank for i in ids]
+    assert len(seen) == len(set(seen)) == 22  # no duplicate across 2 ranks x 2 workers
+    assert set(seen) == set(rows["id"])
+    assert all(len(ids) >= 5 for ids in per_rank)  # both ranks got a fair share
+
+
+def test_streaming_imagefolder_and_sample_content(tmp_path):
+    rng = np.random.default_rng(4)
+    root = tmp_path / "stream"
+    images = {}
+    for i in range(7):
+        images[f"f{i}"] = rng.integers(0, 256, (3, 4), dtype=np.uint8)
+        save(root / f"f{i}.png", images[f"f{i}"])
+    lines = [json.dumps({"file_name": f"f{i}.png", "id": f"f{i}"}) for i in range(7)]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    per_rank = collect_ids(root, world_size=2, num_workers=2, in_chans=1, cache_dir=tmp_path / "cache")
+    seen = [i for ids in per_rank for i in ids]
+    assert sorted(seen) == sorted(images)
+    stream = load_hf_dataset(root, streaming=True, in_chans=1, cache_dir=tmp_path / "cache")
+    for sample in stream:
+        torch.testing.assert_close(sample["image"][0], torch.from_numpy(images[sample["id"]]).float() / 255)
+
+
+def test_streaming_rank_validation(tmp_path):
+    path = save_to_disk(tmp_path / "saved", make_rows(2))
+    with pytest.raises(ValueError, match="rank=2, world_size=2"):
+        load_hf_dataset(path, image_column="pixels", streaming=True, rank=2, world_size=2)
