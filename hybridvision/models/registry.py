@@ -8,10 +8,11 @@ closest matches.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "UnknownModelError",
@@ -19,6 +20,8 @@ __all__ = [
     "register_encoder",
     "register_decoder",
     "register_segmenter",
+    "register_presets",
+    "replace_preset",
     "encoder_entrypoint",
     "decoder_entrypoint",
     "segmenter_spec",
@@ -122,3 +125,38 @@ def list_decoders() -> list[str]:
 
 def list_segmenters() -> list[str]:
     return sorted(_SEGMENTERS)
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def replace_preset(name: str, config: ConfigT, overrides: Mapping[str, Any]) -> ConfigT:
+    """``dataclasses.replace`` for preset overrides, with an error naming the valid fields.
+
+    Lists (from YAML/JSON) become tuples where the preset field holds a tuple.
+    """
+    valid = [f.name for f in dataclasses.fields(config)]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"{name}: unknown override(s) {unknown}; valid fields: {', '.join(valid)}")
+    fixed = {
+        k: tuple(v) if isinstance(v, list) and isinstance(getattr(config, k), tuple) else v
+        for k, v in overrides.items()
+    }
+    return dataclasses.replace(config, **fixed)
+
+
+def register_presets(presets: Mapping[str, Any], encoder_cls: Callable[..., Any]) -> None:
+    """Register one encoder per row of a preset table: ``encoder_cls(config, in_chans=...)``.
+
+    Each registered factory takes ``(in_chans=3, **overrides)``; overrides replace fields of the
+    preset's frozen config dataclass (see :func:`replace_preset`).
+    """
+    for name, config in presets.items():
+
+        def factory(in_chans: int = 3, _name: str = name, _config: Any = config, **overrides: Any) -> Any:
+            return encoder_cls(replace_preset(_name, _config, overrides), in_chans=in_chans)
+
+        factory.__name__ = name
+        factory.__doc__ = f"{name} encoder: {config}."
+        register_encoder(name)(factory)

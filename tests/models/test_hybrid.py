@@ -258,7 +258,7 @@ def test_hybrid_encoder_stage_fusion_and_linear_attention(fusion: str) -> None:
 
 
 def test_config_validation_and_overrides() -> None:
-    with pytest.raises(TypeError, match="valid fields: stages, drop_path_rate"):
+    with pytest.raises(ValueError, match="valid fields: stages, drop_path_rate"):
         create_encoder("hybrid_nano", drop_rate=0.1)
     with pytest.raises(ValueError, match="stage kind"):
         create_encoder("hybrid_nano", stages=[{"kind": "mlp", "depth": 1, "dim": 8, "stride": 4}])

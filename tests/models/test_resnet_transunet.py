@@ -100,7 +100,7 @@ def test_transunet_other_input_size_uses_interpolated_pos_embed():
 
 
 def test_transunet_rejects_bad_overrides():
-    with pytest.raises(TypeError, match="hidden_size"):
+    with pytest.raises(ValueError, match="hidden_size"):
         create_encoder("transunet_nano", hidden_size=32)
     with pytest.raises(ValueError, match="multiple of 16"):
         create_encoder("transunet_nano", img_size=100)
@@ -200,7 +200,7 @@ def test_resnet_presets_channels():
     nano = create_encoder("resnet_nano")
     assert nano.out_channels == (16, 16, 32, 64, 128) and nano.mask_token_dim == 16
     assert nano.reductions == (2, 4, 8, 16, 32) and nano.size_divisor == 32
-    with pytest.raises(TypeError, match="width"):
+    with pytest.raises(ValueError, match="width"):
         create_encoder("resnet_nano", width=8)
 
 

@@ -16,7 +16,6 @@ The blocks defined here (:class:`ConvBlock`, :class:`AttentionBlock`, :class:`Co
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -30,7 +29,7 @@ from ..layers.common import ConvNormAct, DropPath, LayerNorm2d, Mlp, trunc_norma
 from ..layers.fusion import FUSIONS, create_fusion
 from ..layers.linear_attention import LinearAttention
 from ..layers.window_attention import SwinBlockStack
-from ..registry import register_encoder
+from ..registry import register_presets, replace_preset
 
 __all__ = [
     "StageConfig",
@@ -56,13 +55,7 @@ ConfigT = TypeVar("ConfigT")
 
 def replace_config(config: ConfigT, overrides: Mapping[str, Any]) -> ConfigT:
     """``dataclasses.replace`` that names the valid fields when an override key is unknown."""
-    valid = [f.name for f in dataclasses.fields(config)]
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise TypeError(
-            f"unknown override(s) {unknown} for {type(config).__name__}; valid fields: {', '.join(valid)}"
-        )
-    return dataclasses.replace(config, **overrides)
+    return replace_preset(type(config).__name__, config, overrides)
 
 
 @dataclass(frozen=True)
@@ -432,13 +425,4 @@ PRESETS: dict[str, HybridConfig] = {
 }
 
 
-def _register(name: str) -> None:
-    @register_encoder(name)
-    def factory(in_chans: int = 3, **overrides: Any) -> HybridEncoder:
-        return HybridEncoder(replace_config(PRESETS[name], overrides), in_chans)
-
-    factory.__name__ = name
-
-
-for _name in PRESETS:
-    _register(_name)
+register_presets(PRESETS, HybridEncoder)

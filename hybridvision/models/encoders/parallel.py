@@ -9,15 +9,15 @@ module (``layers.fusion``) merges the two maps; the fused map is that scale's ou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from torch import Tensor, nn
 
 from ..base import Encoder, apply_token_mask
 from ..layers.common import LayerNorm2d, trunc_normal_init
 from ..layers.fusion import FUSIONS, create_fusion
-from ..registry import register_encoder
-from .hybrid import ConvStage, TransformerStage, conv_stem, downsample, drop_path_rates, replace_config
+from ..registry import register_presets
+from .hybrid import ConvStage, TransformerStage, conv_stem, downsample, drop_path_rates
 
 __all__ = ["ParallelStageConfig", "ParallelConfig", "ParallelHybridEncoder", "PRESETS"]
 
@@ -168,13 +168,4 @@ PRESETS: dict[str, ParallelConfig] = {
 }
 
 
-def _register(name: str) -> None:
-    @register_encoder(name)
-    def factory(in_chans: int = 3, **overrides: Any) -> ParallelHybridEncoder:
-        return ParallelHybridEncoder(replace_config(PRESETS[name], overrides), in_chans)
-
-    factory.__name__ = name
-
-
-for _name in PRESETS:
-    _register(_name)
+register_presets(PRESETS, ParallelHybridEncoder)

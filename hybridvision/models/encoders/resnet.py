@@ -10,17 +10,15 @@ Features: the stem output after ReLU (stride 2) and ``layer1`` .. ``layer4``, i.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
 
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ..base import Encoder, apply_token_mask
-from ..registry import register_encoder
+from ..registry import register_presets
 
 __all__ = ["ResNetConfig", "ResNetEncoder", "RESNET_PRESETS", "adapt_input_conv"]
 
@@ -179,21 +177,4 @@ class ResNetEncoder(Encoder):
             )
 
 
-def _resnet_factory(name: str) -> Any:
-    base = RESNET_PRESETS[name]
-
-    def build(in_chans: int = 3, **overrides: Any) -> ResNetEncoder:
-        valid = [f.name for f in dataclasses.fields(ResNetConfig)]
-        unknown = sorted(set(overrides) - set(valid))
-        if unknown:
-            raise TypeError(f"{name}: unknown override(s) {unknown}; valid: {valid}")
-        tuples = {k: tuple(v) for k, v in overrides.items() if isinstance(v, list)}  # YAML lists
-        return ResNetEncoder(dataclasses.replace(base, **{**overrides, **tuples}), in_chans=in_chans)
-
-    build.__name__ = name
-    build.__doc__ = f"{name} encoder: {base}."
-    return build
-
-
-for _name in RESNET_PRESETS:
-    register_encoder(_name)(_resnet_factory(_name))
+register_presets(RESNET_PRESETS, ResNetEncoder)

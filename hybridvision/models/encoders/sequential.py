@@ -8,15 +8,15 @@ any input size works without resampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from torch import Tensor, nn
 
 from ..base import Encoder, apply_token_mask
 from ..layers.common import ConvNormAct, trunc_normal_init
 from ..layers.pos_embed import sincos_2d_pos_embed
-from ..registry import register_encoder
-from .hybrid import AttentionBlock, drop_path_rates, replace_config
+from ..registry import register_presets
+from .hybrid import AttentionBlock, drop_path_rates
 
 __all__ = ["SequentialConfig", "SequentialHybridEncoder", "BasicBlock", "PRESETS"]
 
@@ -156,13 +156,4 @@ PRESETS: dict[str, SequentialConfig] = {
 }
 
 
-def _register(name: str) -> None:
-    @register_encoder(name)
-    def factory(in_chans: int = 3, **overrides: Any) -> SequentialHybridEncoder:
-        return SequentialHybridEncoder(replace_config(PRESETS[name], overrides), in_chans)
-
-    factory.__name__ = name
-
-
-for _name in PRESETS:
-    _register(_name)
+register_presets(PRESETS, SequentialHybridEncoder)

@@ -17,11 +17,9 @@ where only the last stage is normalised.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
@@ -29,7 +27,7 @@ from torch import Tensor, nn
 from ..base import Encoder, apply_token_mask
 from ..layers.common import trunc_normal_init
 from ..layers.window_attention import SwinBlockStack, drop_path_rates
-from ..registry import register_encoder
+from ..registry import register_presets
 
 __all__ = ["SwinConfig", "SwinTransformer", "SWIN_PRESETS", "PatchEmbed", "PatchMerging", "SwinStage"]
 
@@ -280,14 +278,4 @@ def convert_swin_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _build(preset: str, in_chans: int = 3, **overrides: Any) -> SwinTransformer:
-    config = SWIN_PRESETS[preset]
-    valid = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise TypeError(f"{preset}: unknown override(s) {unknown}; valid: {sorted(valid)}")
-    return SwinTransformer(dataclasses.replace(config, **overrides), in_chans=in_chans)
-
-
-for _name in SWIN_PRESETS:
-    register_encoder(_name)(partial(_build, _name))
+register_presets(SWIN_PRESETS, SwinTransformer)

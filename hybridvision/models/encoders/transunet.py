@@ -14,10 +14,8 @@ the pretrained weights come from), which gives ``H/4`` directly. Parameters are 
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +25,7 @@ from ..base import Encoder, apply_token_mask
 from ..layers.attention import Attention
 from ..layers.common import DropPath, Mlp, trunc_normal_init
 from ..layers.pos_embed import interpolate_pos_embed
-from ..registry import register_encoder
+from ..registry import register_presets
 
 __all__ = ["TransUNetConfig", "TransUNetEncoder", "TRANSUNET_PRESETS", "StdConv2d", "StdBottleneck"]
 
@@ -270,21 +268,4 @@ class TransUNetEncoder(Encoder):
         return {"pos_embed"}
 
 
-def _transunet_factory(name: str) -> Any:
-    base = TRANSUNET_PRESETS[name]
-
-    def build(in_chans: int = 3, **overrides: Any) -> TransUNetEncoder:
-        valid = [f.name for f in dataclasses.fields(TransUNetConfig)]
-        unknown = sorted(set(overrides) - set(valid))
-        if unknown:
-            raise TypeError(f"{name}: unknown override(s) {unknown}; valid: {valid}")
-        tuples = {k: tuple(v) for k, v in overrides.items() if isinstance(v, list)}  # YAML lists
-        return TransUNetEncoder(dataclasses.replace(base, **{**overrides, **tuples}), in_chans=in_chans)
-
-    build.__name__ = name
-    build.__doc__ = f"{name} encoder: {base}."
-    return build
-
-
-for _name in TRANSUNET_PRESETS:
-    register_encoder(_name)(_transunet_factory(_name))
+register_presets(TRANSUNET_PRESETS, TransUNetEncoder)
