@@ -84,12 +84,13 @@ def extract_pixel_features(
 
 
 def fit_linear_probe(
-    features: Tensor, labels: Tensor, num_classes: int, weight_decay: float = 1e-4, max_iter: int = 100
+    features: Tensor, labels: Tensor, num_classes: int, weight_decay: float = 1e-2, max_iter: int = 100
 ) -> nn.Linear:
     """Fit an L2-regularised softmax classifier on standardised ``features`` (N, D) with L-BFGS.
 
     The returned layer includes the standardisation (folded into weight and bias).
     """
+    features = features.float()
     mean = features.mean(0)
     std = features.std(0).clamp_min(1e-6)
     x = (features - mean) / std
@@ -104,7 +105,8 @@ def fit_linear_probe(
         loss.backward()
         return loss
 
-    with torch.enable_grad():
+    # full precision even when called under autocast: L-BFGS line searches fail in bf16
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
         opt.step(closure)
     with torch.no_grad():  # fold the standardisation into the layer
         layer.weight.div_(std)
@@ -131,6 +133,7 @@ def dense_linear_probe(
     ignore_index: int = 255,
     max_pixels_per_image: int = 256,
     seed: int = 0,
+    weight_decay: float = 1e-2,
 ) -> dict[str, float]:
     """Fit a dense linear probe on ``train_batches`` and score it on ``val_batches``.
 
@@ -141,8 +144,8 @@ def dense_linear_probe(
     xtr, ytr = extract_pixel_features(encoder, train_batches, stages, ignore_index, max_pixels_per_image, g)
     xva, yva = extract_pixel_features(encoder, val_batches, stages, ignore_index, max_pixels_per_image, g)
     k = max(num_classes, 2)
-    layer = fit_linear_probe(xtr, ytr, k)
-    with torch.no_grad():
-        miou, acc = _miou(layer(xva).argmax(1), yva, k)
-        _, train_acc = _miou(layer(xtr).argmax(1), ytr, k)
+    layer = fit_linear_probe(xtr, ytr, k, weight_decay=weight_decay)
+    with torch.no_grad(), torch.autocast(xva.device.type, enabled=False):
+        miou, acc = _miou(layer(xva.float()).argmax(1), yva, k)
+        _, train_acc = _miou(layer(xtr.float()).argmax(1), ytr, k)
     return {"probe_miou": miou, "probe_pixel_acc": acc, "probe_train_pixel_acc": train_acc}

@@ -45,9 +45,9 @@ class ProbeConfig:
     split: str = "train"  # probe-train split of a folder source
     val_split: str = "val"  # probe-val split of a folder source
     num_classes: int = 4  # classes of the probe data
-    train_images: int = 64  # images used to fit the probe
-    val_images: int = 32  # images used to score it
-    stages: list[int] = field(default_factory=lambda: [-1])  # feature stages concatenated
+    train_images: int = 128  # images used to fit the probe
+    val_images: int = 64  # images used to score it
+    stages: list[int] = field(default_factory=lambda: [-3, -2, -1])  # feature stages concatenated
     at_start: bool = True  # also probe the initial (random) encoder
 
 
