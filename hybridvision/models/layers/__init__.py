@@ -2,5 +2,49 @@
 
 from .attention import Attention
 from .common import ConvNormAct, DropPath, LayerNorm2d, Mlp, drop_path, trunc_normal_init
+from .fusion import (
+    FUSIONS,
+    ChannelSpatialAttentionFusion,
+    CrossAttentionFusion,
+    DynamicFeatureSelector,
+    MultiScaleFeatureAggregation,
+    create_fusion,
+)
+from .linear_attention import LinearAttention, linear_attention
+from .pos_embed import interpolate_pos_embed, sincos_2d_pos_embed
+from .sr_attention import SpatialReductionAttention
+from .window_attention import (
+    SwinBlockStack,
+    SwinTransformerBlock,
+    WindowAttention,
+    drop_path_rates,
+    window_partition,
+    window_reverse,
+)
 
-__all__ = ["Attention", "ConvNormAct", "DropPath", "LayerNorm2d", "Mlp", "drop_path", "trunc_normal_init"]
+__all__ = [
+    "FUSIONS",
+    "Attention",
+    "ChannelSpatialAttentionFusion",
+    "ConvNormAct",
+    "CrossAttentionFusion",
+    "DropPath",
+    "DynamicFeatureSelector",
+    "LayerNorm2d",
+    "LinearAttention",
+    "Mlp",
+    "MultiScaleFeatureAggregation",
+    "SpatialReductionAttention",
+    "SwinBlockStack",
+    "SwinTransformerBlock",
+    "WindowAttention",
+    "create_fusion",
+    "drop_path",
+    "drop_path_rates",
+    "interpolate_pos_embed",
+    "linear_attention",
+    "sincos_2d_pos_embed",
+    "trunc_normal_init",
+    "window_partition",
+    "window_reverse",
+]
