@@ -51,7 +51,9 @@ class AugmentConfig:
     rot90: bool = False  # random 90-degree rotations
     color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength (RGB only)
     elastic: float = 0.0  # elastic deformation strength (0: off)
-    size_schedule: list[tuple[int, int]] = field(default_factory=list)  # progressive resizing: [[step, side], ...]
+    size_schedule: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # progressive resizing: [[step, side], ...]
 
     def __post_init__(self) -> None:
         steps = [s for s, _ in self.size_schedule]
@@ -78,11 +80,17 @@ class FinetuneConfig:
 
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            output_dir="runs/finetune", max_steps=300, batch_size=16, ckpt_every=100, eval_every=100,
+            output_dir="runs/finetune",
+            max_steps=300,
+            batch_size=16,
+            ckpt_every=100,
+            eval_every=100,
             mixed_precision="bf16",
         )
     )
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, weight_decay=0.01, warmup_steps=20))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=2e-3, weight_decay=0.01, warmup_steps=20)
+    )
     data: DataConfig = field(default_factory=lambda: DataConfig(image_size=(64, 64), synthetic_samples=1024))
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -20,9 +20,14 @@ __all__ = ["evaluate_segmenter", "build_predictor"]
 def build_predictor(model: nn.Module, eval_cfg: Any, num_classes: int) -> Predictor:
     """A :class:`Predictor` from the ``eval.*`` config section (logits out, for the metrics)."""
     return Predictor(
-        model, mode=eval_cfg.mode, num_classes=num_classes,
-        window=tuple(eval_cfg.window) if eval_cfg.mode == "slide" else None, overlap=eval_cfg.overlap,
-        blend=eval_cfg.blend, batch_size=max(1, eval_cfg.batch_size), tta_flips=tuple(eval_cfg.tta_flips),
+        model,
+        mode=eval_cfg.mode,
+        num_classes=num_classes,
+        window=tuple(eval_cfg.window) if eval_cfg.mode == "slide" else None,
+        overlap=eval_cfg.overlap,
+        blend=eval_cfg.blend,
+        batch_size=max(1, eval_cfg.batch_size),
+        tta_flips=tuple(eval_cfg.tta_flips),
         output="logits",
     )
 

@@ -32,12 +32,18 @@ from hybridvision.visualize import overlay  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory written by finetune/run.py (or a hub id)")
-    p.add_argument("--input", required=True, help="an image file or a folder of images (searched recursively)")
+    p.add_argument(
+        "--input", required=True, help="an image file or a folder of images (searched recursively)"
+    )
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--mode", choices=["slide", "whole"], default="slide", help="sliding window or whole image")
+    p.add_argument(
+        "--mode", choices=["slide", "whole"], default="slide", help="sliding window or whole image"
+    )
     p.add_argument("--window", type=int, nargs=2, default=None, help="window H W (default: training crop)")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction")
-    p.add_argument("--tta", nargs="*", default=[], choices=["h", "v", "hv"], help="flip test-time augmentation")
+    p.add_argument(
+        "--tta", nargs="*", default=[], choices=["h", "v", "hv"], help="flip test-time augmentation"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
@@ -56,12 +62,26 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = model.num_classes
     ignore = data.get("ignore_index", 255)
     window = tuple(args.window or data.get("image_size") or (256, 256))
-    tf = build_seg_transforms(False, None, in_chans=in_chans, normalize=data.get("normalize", "imagenet"),
-                              window=tuple(data["window"]) if data.get("window") else None, ignore_index=ignore)
+    tf = build_seg_transforms(
+        False,
+        None,
+        in_chans=in_chans,
+        normalize=data.get("normalize", "imagenet"),
+        window=tuple(data["window"]) if data.get("window") else None,
+        ignore_index=ignore,
+    )
     model.to(args.device).eval()
-    predictor = Predictor(model, mode=args.mode, num_classes=num_classes, window=window if args.mode == "slide" else None,
-                          overlap=args.overlap, blend="gaussian", batch_size=args.batch_size, tta_flips=args.tta,
-                          output="logits")
+    predictor = Predictor(
+        model,
+        mode=args.mode,
+        num_classes=num_classes,
+        window=window if args.mode == "slide" else None,
+        overlap=args.overlap,
+        blend="gaussian",
+        batch_size=args.batch_size,
+        tta_flips=args.tta,
+        output="logits",
+    )
     src = Path(args.input)
     if src.is_dir():
         files = list_files(src, IMAGE_EXTENSIONS)
@@ -78,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in tqdm(files, desc="predict", dynamic_ncols=True):
         image = read_image(path, in_chans)  # (C, H, W) at the original size
         x = tf({"image": image})["image"] if tf is not None else image
-        with torch.no_grad(), torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
+        with (
+            torch.no_grad(),
+            torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16),
+        ):
             labels = predictor.predict_labels(torch.as_tensor(x)[None].to(args.device))[0].cpu()
         stem = path.relative_to(src).with_suffix("") if src.is_dir() else Path(path.stem)
         target = out / stem

@@ -33,7 +33,9 @@ from hybridvision.models.transfer import build_segmenter  # noqa: E402
 def resolve_init(cfg: FinetuneConfig) -> str:
     init = cfg.model.init
     if init == "auto":
-        return DEFAULT_PRETRAINED_ENCODER if (Path(DEFAULT_PRETRAINED_ENCODER) / "config.json").is_file() else ""
+        return (
+            DEFAULT_PRETRAINED_ENCODER if (Path(DEFAULT_PRETRAINED_ENCODER) / "config.json").is_file() else ""
+        )
     return init
 
 
@@ -63,23 +65,42 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
     if model is None:
         name = cfg.model.name or ("" if init else FALLBACK_MODEL)
         model, report = build_segmenter(
-            name, d.num_classes, d.in_chans, init=init, strict=cfg.model.init_strict,
-            decoder=cfg.model.decoder or None, decoder_kwargs=cfg.model.decoder_kwargs or None,
+            name,
+            d.num_classes,
+            d.in_chans,
+            init=init,
+            strict=cfg.model.init_strict,
+            decoder=cfg.model.decoder or None,
+            decoder_kwargs=cfg.model.decoder_kwargs or None,
             overrides=cfg.model.overrides,
         )
         engine.print(report.summary())
 
     aug = cfg.augment
     train_tf = build_seg_transforms(
-        True, d.image_size, in_chans=d.in_chans, scale=aug.scale, hflip=aug.hflip, vflip=aug.vflip,
-        rot90=aug.rot90, color_jitter=aug.color_jitter, elastic=aug.elastic, normalize=d.normalize,
-        window=d.window, ignore_index=d.ignore_index,
+        True,
+        d.image_size,
+        in_chans=d.in_chans,
+        scale=aug.scale,
+        hflip=aug.hflip,
+        vflip=aug.vflip,
+        rot90=aug.rot90,
+        color_jitter=aug.color_jitter,
+        elastic=aug.elastic,
+        normalize=d.normalize,
+        window=d.window,
+        ignore_index=d.ignore_index,
     )
-    eval_tf = build_seg_transforms(False, None, in_chans=d.in_chans, normalize=d.normalize, window=d.window,
-                                   ignore_index=d.ignore_index)
+    eval_tf = build_seg_transforms(
+        False, None, in_chans=d.in_chans, normalize=d.normalize, window=d.window, ignore_index=d.ignore_index
+    )
     train_set, val_set = build_labelled_datasets(d, train_tf, eval_tf, seed=cfg.train.seed)
     criterion = build_segmentation_loss(
-        d.num_classes, d.ignore_index, cfg.loss.weights, cfg.loss.class_weights or None, cfg.loss.label_smoothing
+        d.num_classes,
+        d.ignore_index,
+        cfg.loss.weights,
+        cfg.loss.class_weights or None,
+        cfg.loss.label_smoothing,
     )
 
     ema = None
@@ -105,7 +126,9 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
 
     eval_loader = None
     if val_set is not None:
-        eval_loader = acc.prepare_data_loader(torch.utils.data.DataLoader(val_set, batch_size=cfg.eval.batch_size))
+        eval_loader = acc.prepare_data_loader(
+            torch.utils.data.DataLoader(val_set, batch_size=cfg.eval.batch_size)
+        )
 
     def eval_fn(eng: Engine, m: nn.Module) -> dict:
         metrics, grid = evaluate_segmenter(eval_model(m), eval_loader, cfg, acc)
@@ -117,12 +140,19 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
 
     def export(m: nn.Module, directory: Path) -> None:
         target = ema.module if ema is not None else m
-        save_pretrained(target, directory, extra={"stage": "finetune", "init": init, "run_config": config_to_dict(cfg)})
+        save_pretrained(
+            target, directory, extra={"stage": "finetune", "init": init, "run_config": config_to_dict(cfg)}
+        )
 
     result = engine.fit(
-        model, train_set, step_fn, eval_fn=eval_fn if eval_loader is not None else None,
+        model,
+        train_set,
+        step_fn,
+        eval_fn=eval_fn if eval_loader is not None else None,
         export_fn=export if exportable else None,
-        on_step_end=on_step_end, num_workers=d.num_workers, persistent_workers=d.persistent_workers,
+        on_step_end=on_step_end,
+        num_workers=d.num_workers,
+        persistent_workers=d.persistent_workers,
         pin_memory=d.pin_memory,
     )
     out = Path(cfg.train.output_dir)
@@ -130,12 +160,16 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
         if exportable:
             export(acc.unwrap_model(engine.model), out / "model")
         metrics = result["final_metrics"]
-        write_json_atomic(out / "metrics.json", {"step": result["step"], "init": init or "scratch", **metrics})
+        write_json_atomic(
+            out / "metrics.json", {"step": result["step"], "init": init or "scratch", **metrics}
+        )
     acc.wait_for_everyone()
     m = result["final_metrics"]
     if m:
-        engine.print(f"mIoU={m['miou']:.4f} mean Dice={m['mean_dice']:.4f} pixel acc={m['pixel_accuracy']:.4f} "
-                     f"(per class IoU: {', '.join(f'{n}={v:.3f}' for n, v in zip(m['class_names'], m['iou']) if v is not None)})")
+        engine.print(
+            f"mIoU={m['miou']:.4f} mean Dice={m['mean_dice']:.4f} pixel acc={m['pixel_accuracy']:.4f} "
+            f"(per class IoU: {', '.join(f'{n}={v:.3f}' for n, v in zip(m['class_names'], m['iou']) if v is not None)})"
+        )
     written = f"model written to {out / 'model'}; " if exportable else ""
     engine.print(f"{written}metrics in {out / 'metrics.json'}")
     return m

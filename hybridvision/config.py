@@ -131,7 +131,9 @@ class DataConfig:
         _non_negative(self, "num_workers", "synthetic_val_samples")
         if any(s <= 0 for s in self.image_size):
             raise ConfigError(f"data.image_size must be positive, got {self.image_size}")
-        if self.class_names and len(self.class_names) != max(self.num_classes, 2 if self.num_classes == 1 else 0):
+        if self.class_names and len(self.class_names) != max(
+            self.num_classes, 2 if self.num_classes == 1 else 0
+        ):
             raise ConfigError(
                 f"data.class_names has {len(self.class_names)} names but data.num_classes={self.num_classes}"
             )
@@ -144,7 +146,9 @@ class ModelConfig:
     """Which registered model to build."""
 
     name: str = "hybrid_nano"  # registered encoder / segmenter name (see hybridvision.models.list_models())
-    overrides: dict[str, Any] = field(default_factory=dict)  # preset fields to override, e.g. {drop_path_rate: 0.1}
+    overrides: dict[str, Any] = field(
+        default_factory=dict
+    )  # preset fields to override, e.g. {drop_path_rate: 0.1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +275,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values ({_type_name(tp)}), got {list(value)!r}")
+                raise ConfigError(
+                    f"{key}: expected {len(args)} values ({_type_name(tp)}), got {list(value)!r}"
+                )
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -379,7 +385,9 @@ def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, text: str) -> None
         elif get_origin(tp) is dict:
             current = None
         else:
-            raise ConfigError(f"{key} is a {_type_name(tp)}, it has no sub-keys (got override {dotted}={text})")
+            raise ConfigError(
+                f"{key} is a {_type_name(tp)}, it has no sub-keys (got override {dotted}={text})"
+            )
 
 
 def _accepts_str(tp: Any) -> bool:
@@ -473,7 +481,12 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v) and not key.endswith(("overrides", "lr_mult")):
+        if (
+            isinstance(v, dict)
+            and v
+            and all(isinstance(x, str) for x in v)
+            and not key.endswith(("overrides", "lr_mult"))
+        ):
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v

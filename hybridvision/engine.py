@@ -157,7 +157,9 @@ class Engine:
         self.output_dir = Path(train.output_dir)
         trackers = [t for t in train.trackers if t != "none"]
         if train.mixed_precision == "fp16" and (not torch.cuda.is_available() or _use_cpu_forced()):
-            raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use train.mixed_precision=bf16")
+            raise ConfigError(
+                "train.mixed_precision=fp16 needs a CUDA GPU; on CPU use train.mixed_precision=bf16"
+            )
         self.accelerator = Accelerator(
             mixed_precision=train.mixed_precision,
             # the window never straddles an epoch end: we count optimizer steps, not epochs
@@ -210,7 +212,9 @@ class Engine:
         self._start_trackers()
         writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
         for name, img in images.items():
-            writer.add_image(name, img.detach().float().clamp(0, 1).cpu(), self.state.step if step is None else step)
+            writer.add_image(
+                name, img.detach().float().clamp(0, 1).cpu(), self.state.step if step is None else step
+            )
 
     def build_loader(
         self,
@@ -421,7 +425,9 @@ class Engine:
         if cfg.progress_bar and acc.is_local_main_process and self.state.step < cfg.max_steps:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc=self.project_name, dynamic_ncols=True)
+            bar = tqdm(
+                total=cfg.max_steps, initial=self.state.step, desc=self.project_name, dynamic_ncols=True
+            )
 
         window_loss = torch.zeros((), device=acc.device)
         window_terms: dict[str, Tensor] = {}
@@ -581,4 +587,3 @@ def _flat_scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif v is not None:
             out[key] = str(v)
     return out
-

@@ -56,7 +56,9 @@ def param_groups(
     for prefix in lr_mult:
         if not any(n == prefix or n.startswith(prefix + ".") for n in names):
             tops = sorted({n.split(".")[0] for n in names})
-            raise ConfigError(f"optim.lr_mult: no parameter starts with {prefix!r}; top-level modules: {tops}")
+            raise ConfigError(
+                f"optim.lr_mult: no parameter starts with {prefix!r}; top-level modules: {tops}"
+            )
     no_decay = _no_decay_names(model) | set(extra_no_decay)
     layer_id = getattr(model, "layer_id", None)
     num_layers = getattr(model, "num_layers", None)

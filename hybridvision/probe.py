@@ -59,8 +59,13 @@ def extract_pixel_features(
         chosen = [feats[i] for i in stages]
         size = chosen[0].shape[-2:]
         grid = torch.cat(
-            [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-             for f in chosen], dim=1
+            [
+                f
+                if f.shape[-2:] == size
+                else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                for f in chosen
+            ],
+            dim=1,
         ).float()  # (B, D, h, w)
         # labels on the feature grid of the (padded) input: pad masks like the encoder pads images
         h, w = images.shape[-2:]
@@ -74,7 +79,9 @@ def extract_pixel_features(
             valid = (lab[b] != ignore_index).nonzero().squeeze(1)
             if valid.numel() == 0:
                 continue
-            pick = valid[torch.randperm(valid.numel(), generator=generator)[:max_pixels_per_image].to(valid.device)]
+            pick = valid[
+                torch.randperm(valid.numel(), generator=generator)[:max_pixels_per_image].to(valid.device)
+            ]
             feats_out.append(vec[b, pick].cpu())
             labels_out.append(lab[b, pick].cpu())
     encoder.train(was_training)
@@ -115,7 +122,9 @@ def fit_linear_probe(
 
 
 def _miou(pred: Tensor, target: Tensor, num_classes: int) -> tuple[float, float]:
-    cm = torch.bincount(target * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+    cm = torch.bincount(target * num_classes + pred, minlength=num_classes**2).reshape(
+        num_classes, num_classes
+    )
     inter = cm.diag().float()
     union = cm.sum(0).float() + cm.sum(1).float() - inter
     present = union > 0

@@ -19,8 +19,10 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from hybridvision.config import DataConfig, cli_main, config_to_dict  # noqa: E402
-from hybridvision.data.from_config import build_labelled_datasets  # noqa: E402
-from hybridvision.data.from_config import build_unlabelled_dataset  # noqa: E402
+from hybridvision.data.from_config import (
+    build_labelled_datasets,  # noqa: E402
+    build_unlabelled_dataset,  # noqa: E402
+)
 from hybridvision.data.transforms import build_seg_transforms  # noqa: E402
 from hybridvision.engine import Engine, StepOutput, find_latest_checkpoint  # noqa: E402
 from hybridvision.models import create_encoder, save_pretrained  # noqa: E402

@@ -31,8 +31,16 @@ class StageConfig:
 def test_overrides_are_typed():
     cfg = parse_cli(
         StageConfig,
-        ["train.max_steps=10", "optim.lr=3e-4", "data.image_size=[32,48]", "model.overrides.depth=2",
-         "optim.lr_mult.decoder=10", "data.window=null", "train.mixed_precision=bf16", "data.val_ids=25,26"],
+        [
+            "train.max_steps=10",
+            "optim.lr=3e-4",
+            "data.image_size=[32,48]",
+            "model.overrides.depth=2",
+            "optim.lr_mult.decoder=10",
+            "data.window=null",
+            "train.mixed_precision=bf16",
+            "data.val_ids=25,26",
+        ],
     )
     assert cfg.train.max_steps == 10 and isinstance(cfg.train.max_steps, int)
     assert cfg.optim.lr == pytest.approx(3e-4)

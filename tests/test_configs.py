@@ -30,7 +30,11 @@ def test_pretrain_config_builds_and_steps(path: Path):
     torch.manual_seed(0)
     model = build_pretrain_model(cfg)
     c = cfg.data.in_chans
-    batch = {"view0": torch.randn(2, c, 64, 64), "view1": torch.randn(2, c, 64, 64), "image": torch.randn(2, c, 64, 64)}
+    batch = {
+        "view0": torch.randn(2, c, 64, 64),
+        "view1": torch.randn(2, c, 64, 64),
+        "image": torch.randn(2, c, 64, 64),
+    }
     out = model(batch)
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -52,15 +56,24 @@ def test_finetune_config_builds(path: Path, tmp_path: Path):
         # produced by the matching pretrain config; stand in an encoder of the architecture it names
         from hybridvision.models import create_encoder, save_pretrained
 
-        pre = load_config(PretrainConfig, CONFIGS / "pretrain" / ("isbi_em.yaml" if "isbi" in path.stem else "camvid.yaml"))
-        assert init == f"{pre.train.output_dir}/encoder", f"{path}: init does not match the pretrain config's output"
+        pre = load_config(
+            PretrainConfig, CONFIGS / "pretrain" / ("isbi_em.yaml" if "isbi" in path.stem else "camvid.yaml")
+        )
+        assert init == f"{pre.train.output_dir}/encoder", (
+            f"{path}: init does not match the pretrain config's output"
+        )
         save_pretrained(create_encoder(pre.model.name, in_chans=pre.data.in_chans), tmp_path / "enc")
         init = str(tmp_path / "enc")
     elif "/" in init and not Path(init).exists():  # a hub id: a local transformers checkpoint instead
         init = str(_transformers_segformer_dir(tmp_path))
     model, report = build_segmenter(
-        cfg.model.name, cfg.data.num_classes, cfg.data.in_chans, init=init, strict=cfg.model.init_strict,
-        decoder=cfg.model.decoder or None, overrides=cfg.model.overrides,
+        cfg.model.name,
+        cfg.data.num_classes,
+        cfg.data.in_chans,
+        init=init,
+        strict=cfg.model.init_strict,
+        decoder=cfg.model.decoder or None,
+        overrides=cfg.model.overrides,
     )
     if init:
         assert report.loaded, report.summary()

@@ -24,14 +24,23 @@ from torch import nn
 from ..io import atomic_dir
 from .base import Encoder, Segmenter
 
-__all__ = ["save_pretrained", "from_pretrained", "read_model_config", "load_state_dict_file", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = [
+    "save_pretrained",
+    "from_pretrained",
+    "read_model_config",
+    "load_state_dict_file",
+    "WEIGHTS_NAME",
+    "CONFIG_NAME",
+]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT_KEY = "hybridvision"
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+def save_pretrained(
+    model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any] | None = None
+) -> Path:
     """Write ``model`` (an :class:`Encoder` or :class:`Segmenter` built by the factory) atomically.
 
     Args:
@@ -65,7 +74,9 @@ def _resolve(path_or_id: str | os.PathLike) -> Path:
         raise ValueError(f"{path} is a file; from_pretrained expects a model directory or a hub id")
     text = str(path_or_id)
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"model directory {text!r} does not exist (and it is not a hub id 'owner/name')")
+        raise FileNotFoundError(
+            f"model directory {text!r} does not exist (and it is not a hub id 'owner/name')"
+        )
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors"]))

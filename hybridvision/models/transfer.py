@@ -114,13 +114,17 @@ def build_segmenter(
     report = InitReport()
     if not init:
         if not name:
-            raise ValueError("model.name is empty and model.init is not set: nothing says which model to build")
+            raise ValueError(
+                "model.name is empty and model.init is not set: nothing says which model to build"
+            )
         return create_segmenter(name, num_classes, in_chans, decoder, decoder_kwargs, **overrides), report
 
     path = Path(init)
     if path.is_file():  # timm / torchvision weights for the encoder
         if not name:
-            raise ValueError(f"model.init={init} is a weights file: set model.name to the encoder it belongs to")
+            raise ValueError(
+                f"model.init={init} is a weights file: set model.name to the encoder it belongs to"
+            )
         model = create_segmenter(name, num_classes, in_chans, decoder, decoder_kwargs, **overrides)
         loader = getattr(model.encoder, "load_pretrained_weights", None)
         if loader is None:
@@ -164,7 +168,9 @@ def build_segmenter(
         for key in ("num_classes", "in_chans"):
             build.pop(key, None)
         if name and name != src_name and _preset_encoder(name) != _preset_encoder(src_name):
-            raise ValueError(f"model.name={name!r} conflicts with model.init={init}, which holds {src_name!r}")
+            raise ValueError(
+                f"model.name={name!r} conflicts with model.init={init}, which holds {src_name!r}"
+            )
         build.update(overrides)
         dec = build.pop("decoder", None) if decoder is None else decoder
         dkw = build.pop("decoder_kwargs", None) if decoder_kwargs is None else decoder_kwargs
@@ -176,7 +182,9 @@ def build_segmenter(
         build = dict(loaded.build_kwargs)
         src_name = build.pop("name")
         build.pop("in_chans", None)
-        model = create_segmenter(name or src_name, num_classes, in_chans, decoder, decoder_kwargs, **build, **overrides)
+        model = create_segmenter(
+            name or src_name, num_classes, in_chans, decoder, decoder_kwargs, **build, **overrides
+        )
         load_matching(model.encoder, loaded.state_dict(), strict, report, prefix="encoder.")
     else:  # pragma: no cover - from_pretrained only returns the two kinds
         raise TypeError(type(loaded))

@@ -42,22 +42,31 @@ def _assert_same_state(a, b):
     for key in oa["state"]:
         for name, ta in oa["state"][key].items():
             tb = ob["state"][key][name]
-            assert torch.equal(torch.as_tensor(ta), torch.as_tensor(tb)), f"optimizer state {key}.{name} differs"
+            assert torch.equal(torch.as_tensor(ta), torch.as_tensor(tb)), (
+                f"optimizer state {key}.{name} differs"
+            )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_resume_after_sigkill_is_exact(tmp_path: Path, accum: int):
     n = 8
-    args = [f"train.max_steps={n}", f"train.grad_accum_steps={accum}", "train.batch_size=4", "train.ckpt_every=4"]
+    args = [
+        f"train.max_steps={n}",
+        f"train.grad_accum_steps={accum}",
+        "train.batch_size=4",
+        "train.ckpt_every=4",
+    ]
     straight = tmp_path / "straight"
     _run(straight, *args)
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(SCRIPT), str(killed), *COMMON, *args]
     proc = subprocess.Popen(
-        cmd, env={**os.environ, "TOY_HANG_AFTER": str(n // 2 + 1), "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cmd,
+        env={**os.environ, "TOY_HANG_AFTER": str(n // 2 + 1), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     half = killed / "checkpoints" / f"step_{n // 2:08d}" / "trainer_state.json"
     deadline = time.time() + 120
@@ -91,8 +100,16 @@ def test_two_processes_shard_data_and_keep_single_process_lr(tmp_path: Path):
     single = tmp_path / "single"
     _run(single, *args, env={"TOY_RECORD": "1"})
     multi = tmp_path / "multi"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(29500 + os.getpid() % 1000)]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(29500 + os.getpid() % 1000),
+    ]
     _run(multi, *args, env={"TOY_RECORD": "1", "ACCELERATE_USE_CPU": "true"}, launch=launch)
     r0 = json.loads((multi / "record_rank0.json").read_text())
     r1 = json.loads((multi / "record_rank1.json").read_text())
@@ -101,8 +118,8 @@ def test_two_processes_shard_data_and_keep_single_process_lr(tmp_path: Path):
     # within each epoch, the two ranks see disjoint samples
     per_epoch = 24 // (2 * 2)  # micro-batches per rank per epoch
     for e in range(len(r0["ids"]) // per_epoch):
-        a = {i for b in r0["ids"][e * per_epoch:(e + 1) * per_epoch] for i in b}
-        b = {i for b in r1["ids"][e * per_epoch:(e + 1) * per_epoch] for i in b}
+        a = {i for b in r0["ids"][e * per_epoch : (e + 1) * per_epoch] for i in b}
+        b = {i for b in r1["ids"][e * per_epoch : (e + 1) * per_epoch] for i in b}
         assert not a & b, f"epoch {e}: ranks share samples {a & b}"
     first = {i for b in r0["ids"][:per_epoch] + r1["ids"][:per_epoch] for i in b}
     assert len(first) == 24  # together the ranks cover the epoch
@@ -120,8 +137,16 @@ def _one_update(tmp_path: Path, batch: int, accum: int) -> dict[str, torch.Tenso
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    train = TrainConfig(output_dir=str(tmp_path / f"b{batch}a{accum}"), max_steps=1, batch_size=batch,
-                        grad_accum_steps=accum, progress_bar=False, trackers=[], grad_clip=0.0, resume="never")
+    train = TrainConfig(
+        output_dir=str(tmp_path / f"b{batch}a{accum}"),
+        max_steps=1,
+        batch_size=batch,
+        grad_accum_steps=accum,
+        progress_bar=False,
+        trackers=[],
+        grad_clip=0.0,
+        resume="never",
+    )
     optim = OptimConfig(lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.0)
     engine = Engine(train, optim)
     model = toy_model(dropout=0.0)
@@ -133,7 +158,9 @@ def _one_update(tmp_path: Path, batch: int, accum: int) -> dict[str, torch.Tenso
     engine.fit(model, loader, step_fn)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    return {k: v.detach().clone() for k, v in engine.accelerator.unwrap_model(engine.model).state_dict().items()}
+    return {
+        k: v.detach().clone() for k, v in engine.accelerator.unwrap_model(engine.model).state_dict().items()
+    }
 
 
 def test_grad_accumulation_matches_large_batch(tmp_path: Path):
@@ -149,7 +176,9 @@ def test_grad_accumulation_matches_large_batch(tmp_path: Path):
 def test_nonfinite_loss_stops_with_step_and_saves(tmp_path: Path):
     out = tmp_path / "nan"
     cmd = [sys.executable, str(SCRIPT), str(out), *COMMON, "train.max_steps=6", "train.batch_size=4"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOY_NAN_AT": "4"}, timeout=120)
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "TOY_NAN_AT": "4"}, timeout=120
+    )
     assert res.returncode != 0
     assert "non-finite loss" in res.stderr and "at step 4" in res.stderr
     assert (out / "checkpoints" / "step_00000003" / "trainer_state.json").exists()
@@ -157,7 +186,9 @@ def test_nonfinite_loss_stops_with_step_and_saves(tmp_path: Path):
 
 def test_nonfinite_loss_skipped_and_counted(tmp_path: Path):
     out = tmp_path / "skip"
-    res = _run(out, "train.max_steps=5", "train.batch_size=4", "train.skip_nonfinite=true", env={"TOY_NAN_AT": "2"})
+    res = _run(
+        out, "train.max_steps=5", "train.batch_size=4", "train.skip_nonfinite=true", env={"TOY_NAN_AT": "2"}
+    )
     assert "done step=5 skipped=1" in res.stdout
     state = json.loads((out / "checkpoints" / "step_00000005" / "trainer_state.json").read_text())
     assert state["skipped_nonfinite"] == 1

@@ -35,7 +35,11 @@ def test_unknown_name_lists_valid_ones():
 
 
 def _check_grads(model: torch.nn.Module, allow_unused: tuple[str, ...] = ()) -> None:
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None and not n.endswith(allow_unused)]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is None and not n.endswith(allow_unused)
+    ]
     assert not missing, f"parameters without gradient: {missing[:10]}"
     bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
     assert not bad, f"non-finite gradients: {bad[:10]}"

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.slow  # each test starts the stage script in a fresh interpreter
 from PIL import Image
 
 from ._util import run_stage, tiny_finetune_args, tiny_pretrain_args
+
+pytestmark = pytest.mark.slow  # each test starts the stage script in a fresh interpreter
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,15 @@ def test_predict_writes_masks_at_original_size(finetuned: Path, tmp_path: Path):
     sizes = {"a": (37, 53), "b": (130, 90)}
     for name, (h, w) in sizes.items():
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(src / f"{name}.png")
-    res = run_stage("finetune/predict.py", "--model", str(finetuned / "model"), "--input", str(src), "--output",
-                    str(tmp_path / "out"))
+    res = run_stage(
+        "finetune/predict.py",
+        "--model",
+        str(finetuned / "model"),
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "out"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     for name, (h, w) in sizes.items():
         mask = np.array(Image.open(tmp_path / "out" / f"{name}_mask.png"))
@@ -57,14 +64,17 @@ def test_predict_writes_masks_at_original_size(finetuned: Path, tmp_path: Path):
         assert np.array(Image.open(tmp_path / "out" / f"{name}_overlay.png")).shape == (h, w, 3)
 
 
-def _folder(root: Path, n: int = 4, values=(0, 1), size=(32, 32), drop_mask: int | None = None,
-            mask_size=None) -> Path:
+def _folder(
+    root: Path, n: int = 4, values=(0, 1), size=(32, 32), drop_mask: int | None = None, mask_size=None
+) -> Path:
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "masks" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+                root / "images" / split / f"{i}.png"
+            )
             if drop_mask == i:
                 continue
             mask = rng.choice(np.array(values, dtype=np.uint8), size=mask_size or size)
@@ -73,9 +83,18 @@ def _folder(root: Path, n: int = 4, values=(0, 1), size=(32, 32), drop_mask: int
 
 
 def _finetune(tmp_path: Path, *extra: str):
-    return run_stage("finetune/run.py", f"train.output_dir={tmp_path / 'out'}", "train.max_steps=1",
-                     "train.batch_size=2", "model.init=", "model.name=hybrid_nano", "data.image_size=[32,32]",
-                     "train.progress_bar=false", "train.trackers=[]", *extra)
+    return run_stage(
+        "finetune/run.py",
+        f"train.output_dir={tmp_path / 'out'}",
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "model.init=",
+        "model.name=hybrid_nano",
+        "data.image_size=[32,32]",
+        "train.progress_bar=false",
+        "train.trackers=[]",
+        *extra,
+    )
 
 
 def test_wrong_num_classes_names_file_and_value(tmp_path: Path):
@@ -118,7 +137,10 @@ def test_shape_mismatch_names_parameter_and_shapes(encoder_dir: Path):
 
     target = create_segmenter("hybrid_nano", num_classes=2, in_chans=4)
     state = from_pretrained(encoder_dir).state_dict()
-    with pytest.raises(ValueError, match=r"shape mismatch for parameter encoder\.\S+: checkpoint \(.*3.*\) vs model \(.*4.*\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape mismatch for parameter encoder\.\S+: checkpoint \(.*3.*\) vs model \(.*4.*\)",
+    ):
         load_matching(target.encoder, state, strict=True, report=InitReport(), prefix="encoder.")
     relaxed = InitReport(source=str(encoder_dir))
     load_matching(target.encoder, state, strict=False, report=relaxed, prefix="encoder.")

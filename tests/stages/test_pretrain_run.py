@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # each test starts the stage script in a fresh interpreter
-
 from ._util import run_stage, tiny_pretrain_args
+
+pytestmark = pytest.mark.slow  # each test starts the stage script in a fresh interpreter
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +49,56 @@ def test_unknown_model_name_lists_valid(tmp_path: Path):
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["contrastive", "mim"])
 def test_single_objectives_run(tmp_path: Path, objective: str):
-    res = run_stage("pretrain/run.py", *tiny_pretrain_args(tmp_path), f"objective.name={objective}", "probe.source=none")
+    res = run_stage(
+        "pretrain/run.py", *tiny_pretrain_args(tmp_path), f"objective.name={objective}", "probe.source=none"
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "encoder" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
 def test_two_process_launch(tmp_path: Path):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(29700 + os.getpid() % 200)]
-    res = run_stage("pretrain/run.py", *tiny_pretrain_args(tmp_path), "probe.source=none",
-                    env={"ACCELERATE_USE_CPU": "true"}, launch=launch)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(29700 + os.getpid() % 200),
+    ]
+    res = run_stage(
+        "pretrain/run.py",
+        *tiny_pretrain_args(tmp_path),
+        "probe.source=none",
+        env={"ACCELERATE_USE_CPU": "true"},
+        launch=launch,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "encoder" / "model.safetensors").is_file()
+
+
+def test_pretraining_beats_random_init(tmp_path: Path):
+    """A short contrastive+MIM run on the built-in data improves the dense linear probe.
+
+    Measured (hybrid_nano, 64 px, batch 32, seed 0): probe mIoU 0.233 at init -> 0.26 after 100 steps
+    and 0.265 after 150 (last three stages, 128 probe-train / 64 probe-val images). The assertion
+    keeps a third of that gain as a conservative margin.
+    """
+    import re
+
+    res = run_stage(
+        "pretrain/run.py",
+        f"train.output_dir={tmp_path}",
+        "train.max_steps=100",
+        "train.eval_every=0",
+        "train.ckpt_every=100",
+        "train.progress_bar=false",
+        "train.trackers=[]",
+        timeout=1200,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    before = float(re.search(r"probe at init: probe_miou=([0-9.]+)", res.stdout).group(1))
+    after = float(re.search(r"probe after pretraining: probe_miou=([0-9.]+)", res.stdout).group(1))
+    assert after > before + 0.01, f"probe mIoU {before:.3f} -> {after:.3f}"

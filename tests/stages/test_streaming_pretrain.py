@@ -27,7 +27,13 @@ def hf_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_pretrain_on_local_hf_dataset(tmp_path: Path, hf_dir: Path, streaming: bool):
-    res = run_stage("pretrain/run.py", *tiny_pretrain_args(tmp_path), f"data.source={hf_dir}",
-                    f"data.streaming={str(streaming).lower()}", "probe.source=none", "train.max_steps=3")
+    res = run_stage(
+        "pretrain/run.py",
+        *tiny_pretrain_args(tmp_path),
+        f"data.source={hf_dir}",
+        f"data.streaming={str(streaming).lower()}",
+        "probe.source=none",
+        "train.max_steps=3",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "encoder" / "model.safetensors").is_file()

@@ -77,7 +77,9 @@ class ConvNormAct(nn.Sequential):
         act_layer: type[nn.Module] | None = nn.ReLU,
     ):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
+            nn.Conv2d(
+                in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False
+            ),
             norm_layer(out_channels),
             act_layer() if act_layer is not None else nn.Identity(),
         )
@@ -94,4 +96,3 @@ def trunc_normal_init(module: nn.Module, std: float = 0.02) -> None:
             nn.init.ones_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-
