@@ -192,3 +192,29 @@ def test_nonfinite_loss_skipped_and_counted(tmp_path: Path):
     assert "done step=5 skipped=1" in res.stdout
     state = json.loads((out / "checkpoints" / "step_00000005" / "trainer_state.json").read_text())
     assert state["skipped_nonfinite"] == 1
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path: Path):
+    out = tmp_path / "term"
+    args = ["train.max_steps=200", "train.batch_size=4", "train.ckpt_every=1000"]
+    cmd = [sys.executable, str(SCRIPT), str(out), *COMMON, *args]
+    proc = subprocess.Popen(cmd, env={**os.environ, "TOY_STEP_SLEEP": "0.1", "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = out / "run_config.yaml"  # written right before the first step
+    deadline = time.time() + 120
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped by signal after step" in stdout and "train.resume=auto" in stdout
+    from hybridvision.engine import find_latest_checkpoint
+
+    ckpt = find_latest_checkpoint(out)
+    assert ckpt is not None
+    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    assert 0 < step < 200
+    res = _run(out, *args)
+    assert "done step=200" in res.stdout

@@ -6,7 +6,8 @@ Run as a script (also under ``accelerate launch``)::
 
 Extra env vars: ``TOY_HANG_AFTER=k`` sleeps forever after optimizer step k (so a test can
 SIGKILL the process); ``TOY_RECORD=1`` writes the sample ids and LRs each rank saw to
-``OUTPUT_DIR/record_rank{r}.json``; ``TOY_NAN_AT=k`` makes the loss NaN at step k.
+``OUTPUT_DIR/record_rank{r}.json``; ``TOY_NAN_AT=k`` makes the loss NaN at step k;
+``TOY_STEP_SLEEP=s`` sleeps s seconds in every step (so a test can signal mid-run).
 """
 
 from __future__ import annotations
@@ -55,12 +56,15 @@ def main(output_dir: str, overrides: list[str]) -> None:
     engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="toy")
     hang_after = int(os.environ.get("TOY_HANG_AFTER", "0"))
     nan_at = int(os.environ.get("TOY_NAN_AT", "0"))
+    step_sleep = float(os.environ.get("TOY_STEP_SLEEP", "0"))
     record: dict[str, list] = {"ids": [], "lr": []}
 
     def step_fn(model: nn.Module, batch: dict) -> StepOutput:
         if hang_after and engine.state.step >= hang_after:
             while True:
                 time.sleep(1)
+        if step_sleep:
+            time.sleep(step_sleep)
         pred = model(batch["x"])
         loss = ((pred - batch["y"]) ** 2).mean()
         if nan_at and engine.state.step + 1 == nan_at:
