@@ -77,3 +77,26 @@ def test_fused_adamw_matches_reference():
             opt.step()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_layer_decay_follows_depth_for_every_family():
+    from hybridvision.models import create_segmenter
+
+    for name in ("mit_nano", "swin_nano", "resnet_nano", "transunet_nano", "hybrid_nano"):
+        model = create_segmenter(name, num_classes=2)
+        groups = param_groups(model, 0.05, layer_decay=0.5)
+        scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+        dec = [v for n, v in scale.items() if n.startswith("decoder.")]
+        assert set(dec) == {1.0}, name
+        enc = [v for n, v in scale.items() if n.startswith("encoder.")]
+        assert max(enc) == 0.5 and min(enc) == 0.5**model.num_layers, name
+        # the first group to run gets the smallest LR, the last encoder group the largest
+        order = model._layer_groups()
+        first = next(n for n in scale if n.startswith(order[0] + "."))
+        last = next(n for n in scale if n.startswith(order[-1] + "."))
+        assert scale[first] < scale[last], name
+
+
+def test_layer_decay_needs_support():
+    with pytest.raises(ConfigError, match="layer_id"):
+        param_groups(Tiny(), 0.05, layer_decay=0.5)

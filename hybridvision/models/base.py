@@ -145,6 +145,56 @@ class Segmenter(nn.Module):
             logits = F.interpolate(logits, size=(hp, wp), mode="bilinear", align_corners=False)
         return logits[..., :h, :w]
 
+    # ---------------------------------------------------------------- layer-wise LR decay
+
+    def _layer_groups(self) -> list[str]:
+        """Encoder parameter-name prefixes in execution order (embeddings first, last stage last).
+
+        Groups are the encoder's children, with ModuleList/Sequential children split per item; the
+        order is the order in which a forward pass first calls them (module-definition order can
+        interleave stages, e.g. separate lists of patch embeddings and blocks).
+        """
+        if getattr(self, "_layer_order", None) is None:
+            candidates: list[tuple[str, nn.Module]] = []
+            for name, child in self.encoder.named_children():
+                if isinstance(child, (nn.ModuleList, nn.Sequential)):
+                    candidates += [(f"{name}.{sub}", c) for sub, c in child.named_children()]
+                else:
+                    candidates.append((name, child))
+            order: list[str] = []
+            hooks = [
+                module.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n) if n not in order else None)
+                for name, module in candidates
+            ]
+            in_chans = self.build_kwargs.get("in_chans", 3)
+            try:
+                with torch.no_grad():
+                    self.encoder.forward_features(torch.zeros(1, in_chans, 64, 64))
+            finally:
+                for h in hooks:
+                    h.remove()
+            order += [n for n, _ in candidates if n not in order]  # never called: earliest LR
+            with_params = {n for n, m in candidates if any(True for _ in m.parameters())}
+            self._layer_order = [f"encoder.{n}" for n in order if n in with_params]
+        return self._layer_order
+
+    @property
+    def num_layers(self) -> int:
+        """Depth groups for layer-wise LR decay: encoder groups, then the decoder."""
+        return len(self._layer_groups())
+
+    def layer_id(self, name: str) -> int:
+        """Depth group of parameter ``name``: 0 = first encoder group ... ``num_layers`` = decoder.
+
+        Parameters directly on the encoder (tokens, position embeddings) share group 0.
+        """
+        if not name.startswith("encoder."):
+            return self.num_layers
+        for i, prefix in enumerate(self._layer_groups()):
+            if name.startswith(prefix + "."):
+                return i
+        return 0
+
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {
             f"decoder.{n}" for n in getattr(self.decoder, "no_weight_decay", lambda: set())()
