@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -146,3 +147,29 @@ def test_shape_mismatch_names_parameter_and_shapes(encoder_dir: Path):
     load_matching(target.encoder, state, strict=False, report=relaxed, prefix="encoder.")
     assert len(relaxed.skipped) == 1 and len(relaxed.loaded) == len(state) - 1
     assert "skipped for shape mismatch: 1" in relaxed.summary()
+
+
+def test_ema_progressive_resizing_and_sliding_eval(tmp_path: Path):
+    out = tmp_path / "ema"
+    res = run_stage(
+        "finetune/run.py", *tiny_finetune_args(out), "model.init=", "model.ema_decay=0.5",
+        "augment.size_schedule=[[0,32],[1,64]]", "eval.mode=slide", "eval.window=[32,32]", "eval.tta_flips=[h]",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    exported = load_file(str(out / "model" / "model.safetensors"))
+    raw = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
+    # the export holds the EMA weights, which differ from the raw weights after two updates
+    assert any(not torch.equal(exported[k], raw[k]) for k in raw if k in exported)
+    assert json.loads((out / "metrics.json").read_text())["num_pixels"] == 5 * 64 * 64
+
+
+def test_scheduled_size():
+    from finetune.config import FinetuneConfig
+    from finetune.run import scheduled_size
+    from hybridvision.config import apply_overrides
+
+    cfg = apply_overrides(FinetuneConfig(), ["augment.size_schedule=[[0,48],[100,64]]"])
+    assert [scheduled_size(cfg, s) for s in (0, 99, 100, 500)] == [48, 48, 64, 64]
+    assert scheduled_size(FinetuneConfig(), 10) is None
