@@ -345,11 +345,16 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return convert(cfg)
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], update: dict[str, Any], cls: type) -> dict[str, Any]:
+    """Merge a YAML tree into ``base``: config sections merge key by key, while free-form
+    dict fields (``loss.weights``, ``optim.lr_mult``, ``model.overrides``...) are replaced
+    whole, so a file that says ``weights: {ce: 1, dice: 1}`` means exactly those terms."""
     out = dict(base)
+    hints = _hints(cls)
     for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+        tp = hints.get(k)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and dataclasses.is_dataclass(tp):
+            out[k] = _merge(out[k], v, tp)
         else:
             out[k] = v
     return out
@@ -427,7 +432,7 @@ def load_config(cls: type[T], config_path: str | Path | None = None, overrides: 
             _build(cls, loaded)  # validate the file on its own so errors name it
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        tree = _merge(tree, loaded)
+        tree = _merge(tree, loaded, cls)
     cfg = _build(cls, tree)
     return apply_overrides(cfg, overrides) if overrides else cfg
 

@@ -102,3 +102,19 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "run.yaml")
     again = load_config(StageConfig, tmp_path / "run.yaml")
     assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_yaml_replaces_free_form_dicts_whole(tmp_path):
+    """A dict-valued field in a file means exactly what the file says (no default terms left over)."""
+    from finetune.config import FinetuneConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  weights: {ce: 1.0, dice: 1.0}\noptim:\n  lr_mult: {decoder: 10}\n")
+    cfg = load_config(FinetuneConfig, path)
+    assert cfg.loss.weights == {"ce": 1.0, "dice": 1.0}
+    assert cfg.optim.lr_mult == {"decoder": 10.0}
+    # sections still merge key by key: an untouched section keeps its defaults
+    assert cfg.train.max_steps == FinetuneConfig().train.max_steps
+    # a dotted override edits one key of the dict
+    cfg = load_config(FinetuneConfig, path, ["loss.weights.focal=0.5"])
+    assert cfg.loss.weights == {"ce": 1.0, "dice": 1.0, "focal": 0.5}
