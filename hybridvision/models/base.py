@@ -163,7 +163,9 @@ class Segmenter(nn.Module):
                     candidates.append((name, child))
             order: list[str] = []
             hooks = [
-                module.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n) if n not in order else None)
+                module.register_forward_pre_hook(
+                    lambda _m, _a, n=name: order.append(n) if n not in order else None
+                )
                 for name, module in candidates
             ]
             in_chans = self.build_kwargs.get("in_chans", 3)

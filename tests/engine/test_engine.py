@@ -199,8 +199,13 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path: Path):
     out = tmp_path / "term"
     args = ["train.max_steps=200", "train.batch_size=4", "train.ckpt_every=1000"]
     cmd = [sys.executable, str(SCRIPT), str(out), *COMMON, *args]
-    proc = subprocess.Popen(cmd, env={**os.environ, "TOY_STEP_SLEEP": "0.1", "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, "TOY_STEP_SLEEP": "0.1", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     started = out / "run_config.yaml"  # written right before the first step
     deadline = time.time() + 120
     while not started.exists() and time.time() < deadline:

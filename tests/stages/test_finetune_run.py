@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from ._util import run_stage, tiny_finetune_args, tiny_pretrain_args
@@ -152,8 +152,14 @@ def test_shape_mismatch_names_parameter_and_shapes(encoder_dir: Path):
 def test_ema_progressive_resizing_and_sliding_eval(tmp_path: Path):
     out = tmp_path / "ema"
     res = run_stage(
-        "finetune/run.py", *tiny_finetune_args(out), "model.init=", "model.ema_decay=0.5",
-        "augment.size_schedule=[[0,32],[1,64]]", "eval.mode=slide", "eval.window=[32,32]", "eval.tta_flips=[h]",
+        "finetune/run.py",
+        *tiny_finetune_args(out),
+        "model.init=",
+        "model.ema_decay=0.5",
+        "augment.size_schedule=[[0,32],[1,64]]",
+        "eval.mode=slide",
+        "eval.window=[32,32]",
+        "eval.tta_flips=[h]",
     )
     assert res.returncode == 0, res.stderr[-3000:]
     from safetensors.torch import load_file
