@@ -7,6 +7,7 @@ timings.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -75,3 +76,30 @@ def test_engine_overhead_benchmark_runs(isolated: tuple[Path, Path], capsys: pyt
         assert all(math.isfinite(v) for v in results[loop])
         assert f"\n{loop} " in out
     assert _left_behind(isolated) == []
+
+
+def test_peers_seg_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Ours and a transformers SegFormer trained by the same fine-tuning pipeline; then --summarize."""
+    bench = _load("peers_seg")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "train: {max_steps: 2, batch_size: 2, mixed_precision: 'no', ckpt_every: 2, eval_every: 0}\n"
+        "data: {num_classes: 1, image_size: [32, 32], synthetic_samples: 8, synthetic_val_samples: 3}\n"
+        "model: {name: hybrid_nano, init: ''}\n"
+    )
+    result = tmp_path / "res.json"
+    args = ["--config", str(config), "--models", "ours", "hf_segformer_b0", "--output-root", str(tmp_path / "runs")]
+    assert bench.main([*args, "--json", str(result), "train.seed=3"]) == 0
+    rows = json.loads(result.read_text())
+    assert [r["model"] for r in rows] == ["ours", "hf_segformer_b0"]
+    for row in rows:
+        assert row["resolved_config"]["train"]["seed"] == 3
+        assert row["params"] > 0 and 0.0 <= row["metrics"]["miou"] <= 1.0
+        assert len(row["metrics"]["iou"]) == 2  # binary: background + foreground
+        assert (Path(row["output_dir"]) / "metrics.json").is_file()
+    assert rows[0]["label"] == "ours (hybrid_nano, scratch)"
+    capsys.readouterr()
+    assert bench.main(["--summarize", str(result)]) == 0
+    out = capsys.readouterr().out
+    assert "| tiny | ours (hybrid_nano, scratch) | 3 |" in out
+    assert "Mean over seeds" in out and "| tiny | hf_segformer_b0 | 1 |" in out

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Real-data results (ISBI-2012 EM membranes and CamVid), exactly the commands behind
+# benchmarks/results/: self-supervised pretraining, fine-tuning from scratch and from that
+# pretraining, and two peer libraries' models trained through the same fine-tuning pipeline.
+#
+#   bash benchmarks/realdata.sh         # from the repository root: both parts, ~1 h on 2 shared CPU cores
+#   bash benchmarks/realdata.sh main    # part 1: pretraining + fine-tuning, seed 0 (~32 min)
+#   bash benchmarks/realdata.sh seed1   # part 2: the 8 fine-tunes again with train.seed=1 (same encoders)
+#
+# Needs ../shared/data/{isbi2012_em,camvid} and segmentation-models-pytorch (pip install -e ".[bench]").
+# Budgets (hybrid_nano, 100 pretraining steps of 16 images, 200 fine-tuning steps of 8 crops of
+# 128x128, bf16 autocast) live in the configs; nothing is overridden here except output folders.
+# `peers_seg.py --models ours` runs finetune.run.main(cfg), i.e. what
+# `python finetune/run.py --config <same yaml>` runs, under the same timer as the peers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# One intra-op thread per process: on this 2-core machine shared with other jobs, PyTorch's
+# default (2 threads) made every train step 5-9x slower (OpenMP threads spinning on busy cores).
+export OMP_NUM_THREADS=1
+
+PART=${1:-all}
+RES=benchmarks/results
+LOG=runs/realdata/logs
+mkdir -p "$RES" "$LOG"
+
+# timed NAME CMD...: run CMD with its log in $LOG/NAME.log; wall time in $RES/wall_NAME.json
+timed() {
+    local name=$1
+    shift
+    local start end
+    start=$(date +%s)
+    "$@" >"$LOG/$name.log" 2>&1
+    end=$(date +%s)
+    printf '{"run": "%s", "command": "%s", "wall_s": %d, "omp_num_threads": %d}\n' \
+        "$name" "$*" $((end - start)) "$OMP_NUM_THREADS" >"$RES/wall_$name.json"
+    echo "$name: $((end - start)) s"
+}
+
+# last logged value of every training scalar of a pretraining run (TensorBoard events)
+pretrain_summary() {
+    python - "$1" "$2" <<'EOF'
+import glob, json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+run, out = sys.argv[1], sys.argv[2]
+summary = json.load(open(out))
+for path in glob.glob(f"{run}/logs/**/events.out.tfevents.*", recursive=True):
+    ea = EventAccumulator(path)
+    ea.Reload()
+    for tag in ea.Tags()["scalars"]:
+        events = ea.Scalars(tag)
+        summary.setdefault("first", {})[tag] = round(events[0].value, 5)
+        summary.setdefault("last", {})[tag] = round(events[-1].value, 5)
+        summary["steps_logged"] = events[-1].step
+json.dump(summary, open(out, "w"), indent=2)
+EOF
+}
+
+if [ "$PART" = all ] || [ "$PART" = main ]; then
+    # fresh runs: train.resume=auto would otherwise continue from old checkpoints
+    rm -rf runs/realdata/isbi_* runs/realdata/camvid_* runs/isbi_pretrain runs/camvid_pretrain
+    for ds in isbi camvid; do
+        pre=$([ "$ds" = isbi ] && echo isbi_em || echo camvid)
+        # 1. self-supervised pretraining (contrastive + MIM) on unlabelled images
+        timed "${ds}_pretrain" python pretrain/run.py --config "configs/pretrain/$pre.yaml"
+        pretrain_summary "runs/${ds}_pretrain" "$RES/wall_${ds}_pretrain.json"
+        # 2. fine-tune from that pretraining
+        timed "${ds}_from_pretrain" python benchmarks/peers_seg.py --config "configs/finetune/${ds}_from_pretrain.yaml" \
+            --models ours --output-root runs/realdata --json "$RES/${ds}_from_pretrain.json"
+        # 2'+3. from scratch: ours and the two peers, same config
+        timed "${ds}_scratch" python benchmarks/peers_seg.py --config "configs/finetune/${ds}_scratch.yaml" \
+            --models ours smp_unet_resnet18 hf_segformer_b0 --output-root runs/realdata --json "$RES/${ds}_scratch.json"
+    done
+fi
+
+# Part 2: a second fine-tuning seed (init, data order, augmentations) of every fine-tune, from the
+# same pretrained encoders, to see how much of each difference is seed noise.
+if [ "$PART" = all ] || [ "$PART" = seed1 ]; then
+    rm -rf runs/realdata/seed1
+    for ds in isbi camvid; do
+        timed "${ds}_from_pretrain_seed1" python benchmarks/peers_seg.py \
+            --config "configs/finetune/${ds}_from_pretrain.yaml" --models ours --output-root runs/realdata/seed1 \
+            --json "$RES/${ds}_from_pretrain_seed1.json" train.seed=1
+        timed "${ds}_scratch_seed1" python benchmarks/peers_seg.py --config "configs/finetune/${ds}_scratch.yaml" \
+            --models ours smp_unet_resnet18 hf_segformer_b0 --output-root runs/realdata/seed1 \
+            --json "$RES/${ds}_scratch_seed1.json" train.seed=1
+    done
+fi
+
+shopt -s nullglob
+python benchmarks/peers_seg.py --summarize "$RES"/isbi_*.json "$RES"/camvid_*.json | tee "$RES/summary.md"
