@@ -117,7 +117,8 @@ def run_one(name: str, cfg: FinetuneConfig) -> dict[str, Any]:
         exported = Path(cfg.train.output_dir) / "model"
         model = from_pretrained(exported)
         arch = json.loads((exported / "config.json").read_text())["hybridvision"]["build"]["name"]
-        label = f"ours ({arch}, {'from ' + cfg.model.init if cfg.model.init else 'scratch'})"
+        decoder = f", {cfg.model.decoder} decoder" if cfg.model.decoder else ""
+        label = f"ours ({arch}{decoder}, {'from ' + cfg.model.init if cfg.model.init else 'scratch'})"
     else:
         label = name
     return {

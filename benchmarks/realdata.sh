@@ -6,6 +6,7 @@
 #   bash benchmarks/realdata.sh         # from the repository root: both parts, ~1 h on 2 shared CPU cores
 #   bash benchmarks/realdata.sh main    # part 1: pretraining + fine-tuning, seed 0 (~32 min)
 #   bash benchmarks/realdata.sh seed1   # part 2: the 8 fine-tunes again with train.seed=1 (same encoders)
+#   bash benchmarks/realdata.sh unet    # part 3: ISBI with model.decoder=unet, 2 inits x 2 seeds (~6 min)
 #
 # Needs ../shared/data/{isbi2012_em,camvid} and segmentation-models-pytorch (pip install -e ".[bench]").
 # Budgets (hybrid_nano, 100 pretraining steps of 16 images, 200 fine-tuning steps of 8 crops of
@@ -84,6 +85,23 @@ if [ "$PART" = all ] || [ "$PART" = seed1 ]; then
         timed "${ds}_scratch_seed1" python benchmarks/peers_seg.py --config "configs/finetune/${ds}_scratch.yaml" \
             --models ours smp_unet_resnet18 hf_segformer_b0 --output-root runs/realdata/seed1 \
             --json "$RES/${ds}_scratch_seed1.json" train.seed=1
+    done
+fi
+
+# Part 3: ISBI again with the U-Net decoder on the same encoder (full-resolution skips for 1-3 px
+# membranes), scratch and from the part-1 ISBI encoder, both seeds.
+if [ "$PART" = all ] || [ "$PART" = unet ]; then
+    [ -f runs/isbi_pretrain/encoder/model.safetensors ] || {
+        echo "part unet needs runs/isbi_pretrain/encoder: run part main first" >&2
+        exit 1
+    }
+    rm -rf runs/realdata/unet
+    for seed in 0 1; do
+        for init in scratch from_pretrain; do
+            timed "isbi_${init}_unet_seed$seed" python benchmarks/peers_seg.py \
+                --config "configs/finetune/isbi_${init}.yaml" --models ours --output-root "runs/realdata/unet/seed$seed" \
+                --json "$RES/isbi_${init}_unet_seed$seed.json" model.decoder=unet train.seed=$seed
+        done
     done
 fi
 

@@ -88,7 +88,8 @@ def test_peers_seg_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture[
         "model: {name: hybrid_nano, init: ''}\n"
     )
     result = tmp_path / "res.json"
-    args = ["--config", str(config), "--models", "ours", "hf_segformer_b0", "--output-root", str(tmp_path / "runs")]
+    runs = str(tmp_path / "runs")
+    args = ["--config", str(config), "--models", "ours", "hf_segformer_b0", "--output-root", runs]
     assert bench.main([*args, "--json", str(result), "train.seed=3"]) == 0
     rows = json.loads(result.read_text())
     assert [r["model"] for r in rows] == ["ours", "hf_segformer_b0"]
