@@ -138,7 +138,10 @@ class Segmenter(nn.Module):
         """Args: x (B, in_chans, H, W). Returns logits (B, num_classes, H, W)."""
         h, w = x.shape[-2:]
         feats = self.encoder.forward_features(x)
-        logits = self.decoder(feats)
+        if getattr(self.decoder, "uses_image", False):  # decoders with image-level skips (U-Net)
+            logits = self.decoder(feats, pad_to_multiple(x, self.encoder.size_divisor))
+        else:
+            logits = self.decoder(feats)
         hp = math.ceil(h / self.encoder.size_divisor) * self.encoder.size_divisor
         wp = math.ceil(w / self.encoder.size_divisor) * self.encoder.size_divisor
         if tuple(logits.shape[-2:]) != (hp, wp):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -88,6 +89,8 @@ def create_segmenter(
     dec_kwargs = {**spec.decoder_kwargs, **(decoder_kwargs or {})}
     dec_name = decoder or spec.decoder
     encoder = create_encoder(spec.encoder, in_chans=in_chans, **enc_kwargs)
+    if "in_chans" in inspect.signature(decoder_entrypoint(dec_name)).parameters:
+        dec_kwargs.setdefault("in_chans", in_chans)  # decoders that read the image itself
     dec = create_decoder(dec_name, encoder.out_channels, encoder.reductions, num_classes, **dec_kwargs)
     model = Segmenter(encoder, dec, num_classes)
     model.build_kwargs = {

@@ -310,6 +310,44 @@ def test_unet_decoder_any_feature_list(channels, reductions):
     assert deeper(feats).shape[-1] == 2 * (64 // reductions[0])  # an extra block without skip doubles
 
 
+def test_unet_decoder_image_skips_reach_full_resolution():
+    channels, reductions = (8, 16, 32, 64), (4, 8, 16, 32)
+    feats = [torch.randn(2, c, 64 // r, 64 // r) for c, r in zip(channels, reductions)]
+    image = torch.randn(2, 1, 64, 64)
+    decoder = UNetDecoder(channels, reductions, num_classes=3, image_skip_channels=(16, 32), in_chans=1).eval()
+    assert decoder.uses_image
+    # encoder skips (deepest first), then the image skips at stride 2 and 1
+    assert [b.conv1[0].in_channels for b in decoder.blocks] == [64 + 32, 256 + 16, 128 + 8, 64 + 32, 32 + 16]
+    out = decoder(feats, image)
+    assert tuple(out.shape) == (2, 3, 64, 64)
+    # full-resolution information flows from the image: one pixel changes the logits near it only
+    poked = image.clone()
+    poked[:, :, 10, 10] += 5.0
+    with torch.no_grad():
+        diff = (decoder(feats, poked) - decoder(feats, image)).abs().amax(dim=(0, 1))  # (64, 64)
+    assert diff[10, 10] > 0 and diff[40:, 40:].max() == 0
+    with pytest.raises(ValueError, match="image skips"):
+        decoder(feats)
+    with pytest.raises(ValueError, match="stride 4.*at most 2 entries"):
+        UNetDecoder(channels, reductions, num_classes=3, image_skip_channels=(8, 16, 32))
+
+
+def test_segmenter_with_image_skips_trains_and_round_trips(tmp_path):
+    from hybridvision.models import from_pretrained, save_pretrained
+
+    kwargs = {"decoder": "unet", "decoder_kwargs": {"image_skip_channels": [16, 32]}}
+    model = create_segmenter("hybrid_nano", num_classes=2, in_chans=1, **kwargs)
+    assert model.decoder.image_stem[0][0].in_channels == 1  # the factory passed in_chans
+    x = torch.randn(2, 1, 50, 70)  # not a multiple of 32
+    logits = model(x)
+    assert tuple(logits.shape) == (2, 2, 50, 70)
+    logits.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    save_pretrained(model.eval(), tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(loaded(x), model(x))
+
+
 def test_unet_resnet_presets_build():
     model = create_segmenter("unet_resnet18", num_classes=2)
     assert sum(p.numel() for p in model.encoder.parameters()) == 11_176_512  # torchvision resnet18 minus fc

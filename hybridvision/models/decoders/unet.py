@@ -8,7 +8,11 @@
 * ``unet`` — a U-Net decoder (Ronneberger et al., 2015; layout of segmentation_models_pytorch's
   ``UnetDecoder``) for any encoder feature list: from the deepest map, upsample to the next skip,
   concatenate, two 3x3 conv-BN-ReLU, ..., then a 3x3 conv to the classes. The logits come at the
-  shallowest feature's stride; the Segmenter resizes them to the input.
+  shallowest skip's stride; the Segmenter resizes them to the input. Hybrid and transformer
+  encoders start at stride 4, so thin structures (1-3 px EM membranes) are lost there;
+  ``image_skip_channels=(16, 32)`` adds a small convolutional path on the image itself (stride 1
+  and 2, as U-Net's first levels / UNETR's input branch) whose maps serve as the last skips, so the
+  logits come at full resolution.
 """
 
 from __future__ import annotations
@@ -138,6 +142,11 @@ class UNetDecoder(nn.Module):
             one block per skip.
         upsample_mode: ``"nearest"`` (smp) or ``"bilinear"``.
         norm_layer: normalisation after each convolution.
+        image_skip_channels: channels of extra skips computed from the image at strides
+            ``1, 2, 4, ...`` (shallowest first), below the encoder's shallowest stride; e.g.
+            ``(16, 32)`` for strides 1 and 2. Empty: encoder skips only. ``forward`` then needs
+            ``image``.
+        in_chans: image channels (the segmenter factory passes its own).
     """
 
     def __init__(
@@ -148,10 +157,25 @@ class UNetDecoder(nn.Module):
         decoder_channels: Sequence[int] | None = None,
         upsample_mode: str = "nearest",
         norm_layer: type[nn.Module] = nn.BatchNorm2d,
+        image_skip_channels: Sequence[int] = (),
+        in_chans: int = 3,
     ):
         super().__init__()
         _check_features(in_channels, reductions)
-        skip_channels = list(in_channels[:-1])[::-1]  # deepest skip first
+        image_skip_channels = tuple(int(c) for c in image_skip_channels)
+        if image_skip_channels and 2 ** (len(image_skip_channels) - 1) >= reductions[0]:
+            raise ValueError(
+                f"image_skip_channels={image_skip_channels} asks for image skips down to stride "
+                f"{2 ** (len(image_skip_channels) - 1)}, but the encoder's shallowest feature is at stride "
+                f"{reductions[0]}: give at most {max(reductions[0].bit_length() - 1, 0)} entries"
+            )
+        self.image_stem = nn.ModuleList()
+        prev = in_chans
+        for i, ch in enumerate(image_skip_channels):  # stride 1, 2, 4, ...
+            self.image_stem.append(ConvNormAct(prev, ch, 3, stride=1 if i == 0 else 2, norm_layer=norm_layer))
+            prev = ch
+        # deepest skip first: encoder skips, then the image skips from coarse to fine
+        skip_channels = list(in_channels[:-1])[::-1] + list(image_skip_channels)[::-1]
         if decoder_channels is None:
             decoder_channels = (256, 128, 64, 32, 16)[: max(len(skip_channels), 1)]
         if len(decoder_channels) < 1:
@@ -166,10 +190,24 @@ class UNetDecoder(nn.Module):
         )
         self.segmentation_head = nn.Conv2d(decoder_channels[-1], num_classes, kernel_size=3, padding=1)
 
-    def forward(self, features: list[Tensor]) -> Tensor:
-        """Args: features, shallow to deep, (B, C_i, H / r_i, W / r_i). Returns (B, K, h, w) logits."""
+    @property
+    def uses_image(self) -> bool:
+        """Whether ``forward`` needs the (padded) input image for its image skips."""
+        return len(self.image_stem) > 0
+
+    def forward(self, features: list[Tensor], image: Tensor | None = None) -> Tensor:
+        """Args: features, shallow to deep, (B, C_i, H / r_i, W / r_i); image (B, in_chans, H, W),
+        needed with image skips. Returns (B, K, h, w) logits (h = H with image skips)."""
         x = features[-1]
         skips = features[-2::-1]  # deepest skip first
+        if self.uses_image:
+            if image is None:
+                raise ValueError("this U-Net decoder has image skips: call it as decoder(features, image)")
+            image_feats = []
+            for conv in self.image_stem:
+                image = conv(image)  # (B, C, H / 2^i, W / 2^i)
+                image_feats.append(image)
+            skips = [*skips, *image_feats[::-1]]
         for i, block in enumerate(self.blocks):
             x = block(x, skips[i] if i < self.num_skips else None)
         return self.segmentation_head(x)
@@ -184,9 +222,11 @@ def transunet_cup(
 
 
 @register_decoder("unet")
-def unet(in_channels: Sequence[int], reductions: Sequence[int], num_classes: int, **kwargs) -> UNetDecoder:
-    """Generic U-Net decoder; kwargs: ``decoder_channels``, ``upsample_mode``."""
-    return UNetDecoder(in_channels, reductions, num_classes, **kwargs)
+def unet(
+    in_channels: Sequence[int], reductions: Sequence[int], num_classes: int, in_chans: int = 3, **kwargs
+) -> UNetDecoder:
+    """Generic U-Net decoder; kwargs: ``decoder_channels``, ``upsample_mode``, ``image_skip_channels``."""
+    return UNetDecoder(in_channels, reductions, num_classes, in_chans=in_chans, **kwargs)
 
 
 SEGMENTER_PRESETS: dict[str, SegmenterSpec] = {
