@@ -314,7 +314,9 @@ def test_unet_decoder_image_skips_reach_full_resolution():
     channels, reductions = (8, 16, 32, 64), (4, 8, 16, 32)
     feats = [torch.randn(2, c, 64 // r, 64 // r) for c, r in zip(channels, reductions)]
     image = torch.randn(2, 1, 64, 64)
-    decoder = UNetDecoder(channels, reductions, num_classes=3, image_skip_channels=(16, 32), in_chans=1).eval()
+    decoder = UNetDecoder(
+        channels, reductions, num_classes=3, image_skip_channels=(16, 32), in_chans=1
+    ).eval()
     assert decoder.uses_image
     # encoder skips (deepest first), then the image skips at stride 2 and 1
     assert [b.conv1[0].in_channels for b in decoder.blocks] == [64 + 32, 256 + 16, 128 + 8, 64 + 32, 32 + 16]
