@@ -118,6 +118,8 @@ def run_one(name: str, cfg: FinetuneConfig) -> dict[str, Any]:
         model = from_pretrained(exported)
         arch = json.loads((exported / "config.json").read_text())["hybridvision"]["build"]["name"]
         decoder = f", {cfg.model.decoder} decoder" if cfg.model.decoder else ""
+        if cfg.model.decoder_kwargs:
+            decoder += " " + ",".join(f"{k}={v}" for k, v in sorted(cfg.model.decoder_kwargs.items()))
         label = f"ours ({arch}{decoder}, {'from ' + cfg.model.init if cfg.model.init else 'scratch'})"
     else:
         label = name

@@ -8,6 +8,7 @@
 #   bash benchmarks/realdata.sh seed1   # part 2: the 8 fine-tunes again with train.seed=1 (same encoders)
 #   bash benchmarks/realdata.sh unet    # part 3: ISBI with model.decoder=unet, 2 inits x 2 seeds (~6 min)
 #   bash benchmarks/realdata.sh mim     # part 4: ISBI pretrained with MIM only (100, 1000 steps), then as part 3 (~12 min)
+#   bash benchmarks/realdata.sh capacity  # part 5: ISBI, U-Net decoder with image skips, hybrid_nano/tiny (~10 min)
 #
 # Needs ../shared/data/{isbi2012_em,camvid} and segmentation-models-pytorch (pip install -e ".[bench]").
 # Budgets (hybrid_nano, 100 pretraining steps of 16 images, 200 fine-tuning steps of 8 crops of
@@ -122,6 +123,22 @@ if [ "$PART" = all ] || [ "$PART" = mim ]; then
                 --output-root "runs/realdata/mim$steps/seed$seed" \
                 --json "$RES/isbi_from_pretrain_mim${steps}_unet_seed$seed.json" \
                 model.init="runs/isbi_pretrain_mim$steps/encoder" model.decoder=unet train.seed=$seed
+        done
+    done
+fi
+
+# Part 5: what is left of the ISBI gap to smp's U-Net: full-resolution image skips in the U-Net
+# decoder (strides 1 and 2, below the encoder's stride 4), then a 2.7x larger encoder, from scratch.
+if [ "$PART" = all ] || [ "$PART" = capacity ]; then
+    rm -rf runs/realdata/capacity
+    for model in hybrid_nano hybrid_tiny; do
+        for seed in 0 1; do
+            timed "isbi_scratch_${model}_unet_imgskip_seed$seed" python benchmarks/peers_seg.py \
+                --config configs/finetune/isbi_scratch.yaml --models ours \
+                --output-root "runs/realdata/capacity/$model/seed$seed" \
+                --json "$RES/isbi_scratch_${model}_unet_imgskip_seed$seed.json" \
+                model.name=$model model.decoder=unet "model.decoder_kwargs={image_skip_channels: [16, 32]}" \
+                train.seed=$seed
         done
     done
 fi
