@@ -3,12 +3,13 @@
 # benchmarks/results/: self-supervised pretraining, fine-tuning from scratch and from that
 # pretraining, and two peer libraries' models trained through the same fine-tuning pipeline.
 #
-#   bash benchmarks/realdata.sh         # from the repository root: all parts, ~90 min on 2 CPU cores
+#   bash benchmarks/realdata.sh         # from the repository root: all parts, ~1 h 50 min on 2 CPU cores
 #   bash benchmarks/realdata.sh main    # part 1: pretraining + fine-tuning, seed 0 (~32 min)
 #   bash benchmarks/realdata.sh seed1   # part 2: the 8 fine-tunes again with train.seed=1 (same encoders)
 #   bash benchmarks/realdata.sh unet    # part 3: ISBI with model.decoder=unet, 2 inits x 2 seeds (~6 min)
 #   bash benchmarks/realdata.sh mim     # part 4: ISBI pretrained with MIM only (100, 1000 steps), then as part 3 (~12 min)
 #   bash benchmarks/realdata.sh capacity  # part 5: ISBI, U-Net decoder with image skips, hybrid_nano/tiny (~10 min)
+#   bash benchmarks/realdata.sh longer  # part 6: CamVid with 10x the pretraining (~20 min)
 #
 # Needs ../shared/data/{isbi2012_em,camvid} and segmentation-models-pytorch (pip install -e ".[bench]").
 # Budgets (hybrid_nano, 100 pretraining steps of 16 images, 200 fine-tuning steps of 8 crops of
@@ -140,6 +141,21 @@ if [ "$PART" = all ] || [ "$PART" = capacity ]; then
                 model.name=$model model.decoder=unet "model.decoder_kwargs={image_skip_channels: [16, 32]}" \
                 train.seed=$seed
         done
+    done
+fi
+
+# Part 6: does more pretraining pay on CamVid, where the contrastive term does learn? Ten times
+# the pretraining of part 1 (1000 steps), then the part-1 fine-tune from it, both seeds.
+if [ "$PART" = all ] || [ "$PART" = longer ]; then
+    rm -rf runs/camvid_pretrain_1000 runs/realdata/longer
+    timed camvid_pretrain_1000 python pretrain/run.py --config configs/pretrain/camvid.yaml \
+        train.max_steps=1000 train.ckpt_every=1000 train.output_dir=runs/camvid_pretrain_1000
+    pretrain_summary runs/camvid_pretrain_1000 "$RES/wall_camvid_pretrain_1000.json"
+    for seed in 0 1; do
+        timed "camvid_from_pretrain_1000_seed$seed" python benchmarks/peers_seg.py \
+            --config configs/finetune/camvid_from_pretrain.yaml --models ours \
+            --output-root "runs/realdata/longer/seed$seed" --json "$RES/camvid_from_pretrain_1000_seed$seed.json" \
+            model.init=runs/camvid_pretrain_1000/encoder train.seed=$seed
     done
 fi
 
