@@ -23,7 +23,7 @@ from finetune.evaluate import evaluate_segmenter  # noqa: E402
 from hybridvision.config import cli_main, config_to_dict  # noqa: E402
 from hybridvision.data.from_config import build_labelled_datasets  # noqa: E402
 from hybridvision.data.transforms import build_seg_transforms  # noqa: E402
-from hybridvision.engine import Engine, StepOutput  # noqa: E402
+from hybridvision.engine import Engine, StepOutput, shutdown_distributed  # noqa: E402
 from hybridvision.io import write_json_atomic  # noqa: E402
 from hybridvision.losses import build_segmentation_loss  # noqa: E402
 from hybridvision.models import save_pretrained  # noqa: E402
@@ -172,8 +172,11 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
         )
     written = f"model written to {out / 'model'}; " if exportable else ""
     engine.print(f"{written}metrics in {out / 'metrics.json'}")
+    engine.close()
     return m
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(FinetuneConfig, main))
+    code = cli_main(FinetuneConfig, main)
+    shutdown_distributed()
+    sys.exit(code)

@@ -46,7 +46,14 @@ from .config import ConfigError, OptimConfig, TrainConfig, save_config
 from .io import write_json_atomic
 from .optim import build_optimizer, build_scheduler
 
-__all__ = ["Engine", "StepOutput", "NonFiniteLossError", "find_latest_checkpoint", "CHECKPOINT_DIR"]
+__all__ = [
+    "Engine",
+    "StepOutput",
+    "NonFiniteLossError",
+    "find_latest_checkpoint",
+    "shutdown_distributed",
+    "CHECKPOINT_DIR",
+]
 
 logger = get_logger(__name__)
 
@@ -179,6 +186,7 @@ class Engine:
         self.state = TrainerState()
         self._stop = _StopFlag()
         self._trackers_started = False
+        self._closed = False
 
     # ------------------------------------------------------------------ helpers
 
@@ -199,7 +207,7 @@ class Engine:
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
         """Log scalars to the trackers (main process writes)."""
-        if not self.accelerator.log_with:
+        if not self.accelerator.log_with or self._closed:
             return
         self._start_trackers()
         clean = {k: (v.item() if isinstance(v, Tensor) else v) for k, v in values.items()}
@@ -207,7 +215,7 @@ class Engine:
 
     def log_images(self, images: dict[str, Tensor], step: int | None = None) -> None:
         """Log ``name -> (3, H, W)`` images to TensorBoard (main process only)."""
-        if not self.is_main or "tensorboard" not in self.cfg.trackers:
+        if not self.is_main or "tensorboard" not in self.cfg.trackers or self._closed:
             return
         self._start_trackers()
         writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
@@ -411,10 +419,31 @@ class Engine:
             result = self._loop(loader, step_fn, eval_fn, export_fn, on_step_end)
         finally:
             self._stop.restore()
-            if self._trackers_started:
-                acc.end_training()
-                self._trackers_started = False
+            self.flush_trackers()
         return result
+
+    def flush_trackers(self) -> None:
+        """Write what the trackers hold to disk without closing them (logging may continue)."""
+        for tracker in self.accelerator.trackers:
+            writer = getattr(tracker, "writer", None)
+            if writer is not None and hasattr(writer, "flush"):
+                writer.flush()
+
+    def close(self) -> None:
+        """Finish the trackers (event files closed); the process group stays up.
+
+        Unlike Accelerate's ``end_training`` this does not destroy the process group, so a stage may
+        still synchronise after it and a process may build several engines one after another
+        (``benchmarks/peers_seg.py``). Stage scripts call :func:`shutdown_distributed` once, on exit.
+        Idempotent; nothing is logged after it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []
+        self._trackers_started = False
 
     def _loop(self, loader, step_fn, eval_fn, export_fn, on_step_end) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
@@ -569,6 +598,20 @@ class Engine:
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)
+
+
+def shutdown_distributed() -> None:
+    """Tear down the default process group, if any: the last call of a stage script.
+
+    Every process must reach it (it synchronises first). Accelerate's ``end_training`` would do this
+    inside the loop, after which every later collective fails with "Default process group has not
+    been initialized"; the engine therefore leaves it to the script's exit.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _use_cpu_forced() -> bool:

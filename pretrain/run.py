@@ -24,7 +24,7 @@ from hybridvision.data.from_config import (
     build_unlabelled_dataset,  # noqa: E402
 )
 from hybridvision.data.transforms import build_seg_transforms  # noqa: E402
-from hybridvision.engine import Engine, StepOutput, find_latest_checkpoint  # noqa: E402
+from hybridvision.engine import Engine, StepOutput, find_latest_checkpoint, shutdown_distributed  # noqa: E402
 from hybridvision.models import create_encoder, save_pretrained  # noqa: E402
 from hybridvision.probe import dense_linear_probe  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
@@ -195,7 +195,10 @@ def main(cfg: PretrainConfig) -> None:
     engine.print(
         f"encoder written to {out_dir}  (fine-tune with: python finetune/run.py model.init={out_dir})"
     )
+    engine.close()
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(PretrainConfig, main))
+    code = cli_main(PretrainConfig, main)
+    shutdown_distributed()
+    sys.exit(code)
