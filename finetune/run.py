@@ -13,21 +13,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `finetune` package
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 from finetune.config import DEFAULT_PRETRAINED_ENCODER, FALLBACK_MODEL, FinetuneConfig  # noqa: E402
-from finetune.evaluate import evaluate_segmenter  # noqa: E402
 from hybridvision.config import cli_main, config_to_dict  # noqa: E402
-from hybridvision.data.from_config import build_labelled_datasets  # noqa: E402
-from hybridvision.data.transforms import build_seg_transforms  # noqa: E402
-from hybridvision.engine import Engine, StepOutput, shutdown_distributed  # noqa: E402
 from hybridvision.io import write_json_atomic  # noqa: E402
-from hybridvision.losses import build_segmentation_loss  # noqa: E402
-from hybridvision.models import save_pretrained  # noqa: E402
-from hybridvision.models.transfer import build_segmenter  # noqa: E402
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch, accelerate, torchvision and the model zoo are imported inside the functions that use them,
+# so `--help` and config errors answer at once
 
 
 def resolve_init(cfg: FinetuneConfig) -> str:
@@ -48,6 +44,42 @@ def scheduled_size(cfg: FinetuneConfig, step: int) -> int | None:
     return side
 
 
+def build_data(cfg: FinetuneConfig) -> tuple:
+    """(training transform, training set, validation set or None) from the ``data``/``augment`` sections.
+
+    Shared with ``distill/run.py``, so teacher and student data pipelines cannot drift apart.
+    """
+    from hybridvision.data.from_config import build_labelled_datasets
+    from hybridvision.data.transforms import build_seg_transforms
+
+    d = cfg.data
+    aug = cfg.augment
+    train_tf = build_seg_transforms(
+        True,
+        d.image_size,
+        in_chans=d.in_chans,
+        scale=aug.scale,
+        hflip=aug.hflip,
+        vflip=aug.vflip,
+        rot90=aug.rot90,
+        color_jitter=aug.color_jitter,
+        elastic=aug.elastic,
+        normalize=d.normalization,
+        window=d.window,
+        ignore_index=d.ignore_index,
+    )
+    eval_tf = build_seg_transforms(
+        False,
+        None,
+        in_chans=d.in_chans,
+        normalize=d.normalization,
+        window=d.window,
+        ignore_index=d.ignore_index,
+    )
+    train_set, val_set = build_labelled_datasets(d, train_tf, eval_tf, seed=cfg.train.seed)
+    return train_tf, train_set, val_set
+
+
 def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
     """Fine-tune and evaluate; returns the final metrics.
 
@@ -57,6 +89,16 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
             ``cfg.model`` describes (used by ``benchmarks/peers_seg.py`` for peer libraries' models,
             which are then not exported).
     """
+    import torch
+    import torch.nn.functional as F
+
+    from finetune.evaluate import evaluate_segmenter
+    from hybridvision.data.loader import collate_mixed_sizes
+    from hybridvision.engine import Engine, StepOutput
+    from hybridvision.losses import build_segmentation_loss
+    from hybridvision.models import save_pretrained
+    from hybridvision.models.transfer import build_segmenter
+
     engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="finetune")
     acc = engine.accelerator
     d = cfg.data
@@ -74,27 +116,10 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
             decoder_kwargs=cfg.model.decoder_kwargs or None,
             overrides=cfg.model.overrides,
         )
-        engine.print(report.summary())
+        if engine.resume_checkpoint is None:  # else the weights come from the checkpoint
+            engine.print(report.summary())
 
-    aug = cfg.augment
-    train_tf = build_seg_transforms(
-        True,
-        d.image_size,
-        in_chans=d.in_chans,
-        scale=aug.scale,
-        hflip=aug.hflip,
-        vflip=aug.vflip,
-        rot90=aug.rot90,
-        color_jitter=aug.color_jitter,
-        elastic=aug.elastic,
-        normalize=d.normalize,
-        window=d.window,
-        ignore_index=d.ignore_index,
-    )
-    eval_tf = build_seg_transforms(
-        False, None, in_chans=d.in_chans, normalize=d.normalize, window=d.window, ignore_index=d.ignore_index
-    )
-    train_set, val_set = build_labelled_datasets(d, train_tf, eval_tf, seed=cfg.train.seed)
+    train_tf, train_set, val_set = build_data(cfg)
     criterion = build_segmentation_loss(
         d.num_classes,
         d.ignore_index,
@@ -105,8 +130,7 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
 
     ema = None
     if cfg.model.ema_decay > 0:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.model.ema_decay), use_buffers=True)
-        acc.register_for_checkpointing(ema)
+        ema = engine.build_ema(model, cfg.model.ema_decay)  # on the training device, checkpointed
 
     def step_fn(m: nn.Module, batch: dict) -> StepOutput:
         images, masks = batch["image"], batch["mask"]
@@ -127,7 +151,9 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
     eval_loader = None
     if val_set is not None:
         eval_loader = acc.prepare_data_loader(
-            torch.utils.data.DataLoader(val_set, batch_size=cfg.eval.batch_size)
+            torch.utils.data.DataLoader(
+                val_set, batch_size=cfg.eval.batch_size, collate_fn=collate_mixed_sizes
+            )  # images of different sizes are evaluated at their own size
         )
 
     def eval_fn(eng: Engine, m: nn.Module) -> dict:
@@ -156,6 +182,14 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
         pin_memory=d.pin_memory,
     )
     out = Path(cfg.train.output_dir)
+    if result["interrupted"]:  # partial: no model/, metrics.json says so; the engine printed how to resume
+        if acc.is_main_process:
+            write_json_atomic(
+                out / "metrics.json",
+                {"step": result["step"], "partial": True, "checkpoint": str(result["checkpoint"])},
+            )
+        engine.close()
+        return {}
     if acc.is_main_process:
         if exportable:
             export(acc.unwrap_model(engine.model), out / "model")
@@ -178,5 +212,8 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
 
 if __name__ == "__main__":
     code = cli_main(FinetuneConfig, main)
-    shutdown_distributed()
+    if "hybridvision.engine" in sys.modules:  # imported only if a run started (not for --help)
+        sys.modules["hybridvision.engine"].shutdown_distributed()
+    if "hybridvision.engine" in sys.modules:  # an interrupted run exits 130 (SIGINT) / 143 (SIGTERM)
+        code = code or sys.modules["hybridvision.engine"].pending_exit_code()
     sys.exit(code)

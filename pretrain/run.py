@@ -24,7 +24,12 @@ from hybridvision.data.from_config import (
     build_unlabelled_dataset,  # noqa: E402
 )
 from hybridvision.data.transforms import build_seg_transforms  # noqa: E402
-from hybridvision.engine import Engine, StepOutput, find_latest_checkpoint, shutdown_distributed  # noqa: E402
+from hybridvision.engine import (  # noqa: E402
+    Engine,
+    StepOutput,
+    pending_exit_code,
+    shutdown_distributed,
+)
 from hybridvision.models import create_encoder, save_pretrained  # noqa: E402
 from hybridvision.probe import dense_linear_probe  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
@@ -72,13 +77,15 @@ def probe_loaders(cfg: PretrainConfig) -> tuple[DataLoader, DataLoader] | None:
         synthetic_samples=p.train_images,
         synthetic_val_samples=p.val_images,
         normalize=cfg.data.normalize,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
         window=cfg.data.window,
     )
     tf = build_seg_transforms(
         False,
         size if p.source != "synthetic" else None,
         in_chans=data.in_chans,
-        normalize=data.normalize,
+        normalize=data.normalization,
         window=data.window,
         ignore_index=data.ignore_index,
     )
@@ -101,14 +108,9 @@ def export_encoder(cfg: PretrainConfig):
 
 
 def main(cfg: PretrainConfig) -> None:
-    # NT-Xent reads only the last stage: earlier stages' output norms get no gradient under DDP
-    engine = Engine(
-        cfg.train,
-        cfg.optim,
-        run_config=cfg,
-        project_name="pretrain",
-        find_unused_parameters=cfg.objective.name == "contrastive",
-    )
+    # DDP's find_unused_parameters is decided by the engine from the built model (one dry step): NT-Xent
+    # reads only the last stage, a pixel-shuffle MIM decoder skips some stage norms
+    engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="pretrain")
     acc = engine.accelerator
     if cfg.objective.lr_scaling != "none":
         global_batch = cfg.train.batch_size * cfg.train.grad_accum_steps * acc.num_processes
@@ -128,7 +130,7 @@ def main(cfg: PretrainConfig) -> None:
         cfg.data.in_chans,
         size[0],
         preset=cfg.objective.augment_preset,
-        normalize=cfg.data.normalize,
+        normalize=cfg.data.normalization,
         min_scale=cfg.objective.min_crop_scale,
     )
     dataset = build_unlabelled_dataset(
@@ -166,9 +168,7 @@ def main(cfg: PretrainConfig) -> None:
                 seed=cfg.train.seed,
             )
 
-    fresh = cfg.train.resume == "never" or (
-        cfg.train.resume == "auto" and not find_latest_checkpoint(cfg.train.output_dir)
-    )
+    fresh = engine.resume_checkpoint is None
     if probes is not None and cfg.probe.at_start and fresh:
         with torch.no_grad():
             start = eval_fn(engine, model)
@@ -185,6 +185,9 @@ def main(cfg: PretrainConfig) -> None:
         persistent_workers=cfg.data.persistent_workers,
         pin_memory=cfg.data.pin_memory,
     )
+    if result["interrupted"]:  # partial: no encoder/; the engine printed the checkpoint and how to resume
+        engine.close()
+        return
     out_dir = Path(cfg.train.output_dir) / "encoder"
     if acc.is_main_process:
         export_encoder(cfg)(acc.unwrap_model(engine.model), out_dir)
@@ -201,4 +204,4 @@ def main(cfg: PretrainConfig) -> None:
 if __name__ == "__main__":
     code = cli_main(PretrainConfig, main)
     shutdown_distributed()
-    sys.exit(code)
+    sys.exit(code or pending_exit_code())  # an interrupted run exits 130 (SIGINT) / 143 (SIGTERM)

@@ -7,7 +7,10 @@ Run as a script (also under ``accelerate launch``)::
 Extra env vars: ``TOY_HANG_AFTER=k`` sleeps forever after optimizer step k (so a test can
 SIGKILL the process); ``TOY_RECORD=1`` writes the sample ids and LRs each rank saw to
 ``OUTPUT_DIR/record_rank{r}.json``; ``TOY_NAN_AT=k`` makes the loss NaN at step k;
-``TOY_STEP_SLEEP=s`` sleeps s seconds in every step (so a test can signal mid-run).
+``TOY_STEP_SLEEP=s`` sleeps s seconds in every step (so a test can signal mid-run);
+``TOY_NANGRAD_AT=k`` adds ``0 * sqrt(0 * pred)`` at step k: a finite loss with a NaN gradient;
+``TOY_WORKERS=n`` loads with n DataLoader workers. The record also holds one ``torch.rand`` draw
+per step (``draws``: ranks must differ) and the script exits with the engine's exit code.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hybridvision.config import OptimConfig, TrainConfig, apply_overrides
-from hybridvision.engine import Engine, StepOutput
+from hybridvision.engine import Engine, StepOutput, pending_exit_code
 
 
 @dataclass
@@ -57,7 +60,8 @@ def main(output_dir: str, overrides: list[str]) -> None:
     hang_after = int(os.environ.get("TOY_HANG_AFTER", "0"))
     nan_at = int(os.environ.get("TOY_NAN_AT", "0"))
     step_sleep = float(os.environ.get("TOY_STEP_SLEEP", "0"))
-    record: dict[str, list] = {"ids": [], "lr": []}
+    nangrad_at = int(os.environ.get("TOY_NANGRAD_AT", "0"))
+    record: dict[str, list] = {"ids": [], "lr": [], "draws": []}
 
     def step_fn(model: nn.Module, batch: dict) -> StepOutput:
         if hang_after and engine.state.step >= hang_after:
@@ -69,16 +73,22 @@ def main(output_dir: str, overrides: list[str]) -> None:
         loss = ((pred - batch["y"]) ** 2).mean()
         if nan_at and engine.state.step + 1 == nan_at:
             loss = loss * float("nan")
-        record["ids"].append([int(i) for i in batch["id"]])
-        record["lr"].append(engine.optimizer.param_groups[0]["lr"])
+        if nangrad_at and engine.state.step + 1 == nangrad_at:
+            loss = loss + 0.0 * torch.sqrt(0.0 * pred).sum()  # value 0, gradient 0 * inf = NaN
+        if model is getattr(engine, "model", None):  # not the engine's dry run (DDP auto-detection)
+            record["ids"].append([int(i) for i in batch["id"]])
+            record["lr"].append(engine.optimizer.param_groups[0]["lr"])
+            record["draws"].append(float(torch.rand(())))
         return StepOutput(loss=loss, logs={"mse": loss.detach()})
 
-    result = engine.fit(toy_model(), ToyData(), step_fn)
+    result = engine.fit(toy_model(), ToyData(), step_fn, num_workers=int(os.environ.get("TOY_WORKERS", "0")))
     if os.environ.get("TOY_RECORD"):
         rank = engine.accelerator.process_index
         Path(output_dir, f"record_rank{rank}.json").write_text(json.dumps(record))
     engine.print(f"done step={result['step']} skipped={result['skipped_nonfinite']}")
+    engine.close()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    sys.exit(pending_exit_code())

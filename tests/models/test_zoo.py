@@ -76,8 +76,12 @@ def test_nano_segmenter_shapes_grads_and_round_trip(name: str, tmp_path):
     model.eval()
     save_pretrained(model, tmp_path / "m")
     loaded = from_pretrained(tmp_path / "m").eval()
-    for (ka, va), (kb, vb) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert ka == kb and torch.equal(va, vb)
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys(), (
+        f"missing {saved.keys() - restored.keys()}, extra {restored.keys() - saved.keys()}"
+    )
+    for key, value in saved.items():
+        assert torch.equal(value, restored[key]), key
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
 
@@ -101,3 +105,30 @@ def test_full_size_segmenters_run(name: str):
     model = create_segmenter(name, num_classes=3)
     logits = model(torch.randn(1, 3, 64, 64))
     assert logits.shape == (1, 3, 64, 64) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", NANO_ENCODERS)
+def test_masked_content_cannot_reach_any_feature(name: str):
+    """MIM cannot cheat in any family: pixels under the mask change no feature map.
+
+    Unlike the objective tests, the input is *not* zeroed first, so this fails for an encoder that
+    does not (re-)mask after its convolutional stages, whose receptive fields would carry masked
+    content into the features.
+    """
+    from hybridvision.models.base import mask_to
+
+    torch.manual_seed(0)
+    enc = create_encoder(name).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 64, 96, generator=gen)
+    mask = torch.zeros(2, 1, 2, 3)  # 32 px patches
+    mask[:, :, 0, 1] = mask[:, :, 1, 2] = mask[1, :, 0, 0] = 1.0
+    under = mask_to(mask, x.shape[-2:]).bool().expand_as(x)
+    token = torch.randn(enc.mask_token_dim, generator=gen)
+    with torch.no_grad():
+        a = enc.forward_features(x, mask, token)
+        b = enc.forward_features(torch.where(under, 5 * torch.randn(x.shape, generator=gen), x), mask, token)
+        c = enc.forward_features(torch.where(under, x, x + 1.0), mask, token)  # visible content changed
+    for i, (fa, fb) in enumerate(zip(a, b, strict=True)):
+        assert torch.equal(fa, fb), f"{name}: masked pixels reach feature {i}"
+    assert not torch.equal(a[-1], c[-1]), f"{name}: visible pixels must reach the deepest feature"

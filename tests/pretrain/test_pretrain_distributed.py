@@ -32,7 +32,13 @@ CASES = {
     "mim_unequal_counts": ("toy_cnn", "mim", {}, "unequal"),
     "mim_unequal_counts_local_norm": ("toy_cnn", "mim", {"gather_distributed": False}, "unequal"),
     "contrastive_mim_vit": ("toy_vit", "contrastive_mim", {}, "generator"),
+    # zoo encoders with LayerNorm only (BatchNorm statistics are per process, so B != 2B there)
+    "mim_mit_nano": ("mit_nano", "mim", {}, "generator"),
+    "contrastive_mim_mit_nano": ("mit_nano", "contrastive_mim", {}, "generator"),
+    "mim_swin_nano": ("swin_nano", "mim", {}, "generator"),
+    "contrastive_mim_swin_nano": ("swin_nano", "contrastive_mim", {}, "generator"),
 }
+ZOO = ("mit_nano", "swin_nano")
 
 
 def _build(case: str) -> PretrainModel:
@@ -40,7 +46,14 @@ def _build(case: str) -> PretrainModel:
     kwargs = {"projection_dim": 8, "projection_batch_norm": False} if "contrastive" in objective else {}
     if "mim" in objective:
         kwargs |= {"in_chans": 3, "mask_patch_size": 16, "decoder_dim": 8}
-    enc = make_toy(encoder, seed=0)
+    if encoder in ZOO:
+        from hybridvision.models import create_encoder
+
+        torch.manual_seed(0)
+        enc = create_encoder(encoder, in_chans=3, drop_path_rate=0.0)  # no per-rank randomness
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in enc.modules())
+    else:
+        enc = make_toy(encoder, seed=0)
     torch.manual_seed(1)
     return PretrainModel(enc, objective, **kwargs, **options)
 

@@ -179,3 +179,39 @@ def test_scheduled_size():
     cfg = apply_overrides(FinetuneConfig(), ["augment.size_schedule=[[0,48],[100,64]]"])
     assert [scheduled_size(cfg, s) for s in (0, 99, 100, 500)] == [48, 48, 64, 64]
     assert scheduled_size(FinetuneConfig(), 10) is None
+
+
+def test_sigterm_to_the_process_group_exits_143_with_partial_outputs(tmp_path: Path):
+    """SIGTERM to the whole group (as SLURM / Kubernetes send it), with DataLoader workers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from ._util import ROOT
+
+    out = tmp_path / "term"
+    args = [*tiny_finetune_args(out), "train.max_steps=2000", "train.log_every=1", "data.num_workers=2"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "finetune/run.py"), *args, "data.image_size=[32,32]"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    lines = []
+    for line in proc.stdout:  # plain progress lines: stdout is not a terminal
+        lines.append(line)
+        if line.startswith("finetune step 3/2000 loss"):
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    stdout = "".join(lines) + stdout
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "killed by signal" not in stderr and "stopped by SIGTERM" in stdout
+    assert "model written to" not in stdout and not (out / "model").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["partial"] is True and Path(metrics["checkpoint"]).is_dir()
+    command = stdout.split("resume with: ")[1].splitlines()[0]
+    assert "finetune/run.py" in command and f"train.output_dir={out}" in command
