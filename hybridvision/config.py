@@ -6,17 +6,27 @@ configuration is built in three layers::
 
     defaults (the dataclasses) <- --config file.yaml <- key=value overrides (train.max_steps=10)
 
-Unknown keys and badly typed values raise :class:`ConfigError`, whose message names the key,
-the value, the expected type and the closest valid keys. Stage scripts call :func:`cli_main`,
-which turns a ``ConfigError`` into a one-line message and exit status 2 (no traceback).
+Unknown keys and badly typed values raise :class:`ConfigError`, whose message names the key
+(``train.batch_size``, as typed), the value, the expected type and the closest valid keys. Stage
+scripts call :func:`cli_main`, which turns every user error (bad keys or values, missing or
+unreadable files, unwritable ``train.output_dir``, a NaN-loss stop) into one ``error: ...`` line
+on stderr and exit status 2, without a traceback unless ``HYBRIDVISION_DEBUG=1``. ``--help``
+lists every key with its default and the one-line comment written next to its field.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import errno
+import functools
+import inspect
+import io
 import os
 import sys
+import textwrap
+import tokenize
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -37,13 +47,31 @@ __all__ = [
     "config_to_dict",
     "save_config",
     "cli_main",
+    "help_text",
+    "field_descriptions",
+    "user_error_message",
+    "check_output_dir",
+    "field_error",
 ]
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A user error in a config file or an override; the message says what and where."""
+    """A user error in a config file or an override; the message says what and where.
+
+    Args:
+        message: the one-line message shown to the user.
+        field: for errors raised in a section's ``__post_init__`` about one of its fields: the field
+            name. :func:`load_config` then rewrites the message to name the dotted key
+            (``train.batch_size``) the way it is typed.
+        detail: with ``field``: the message after the key (``must be > 0, got 0``).
+    """
+
+    def __init__(self, message: str, field: str | None = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.detail = detail
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +127,7 @@ class OptimConfig:
         _positive(self, "lr")
         _non_negative(self, "weight_decay", "warmup_steps", "min_lr_ratio", "warmup_start_ratio")
         if not 0.0 < self.layer_decay <= 1.0:
-            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+            raise field_error(self, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
 
 
 @dataclass
@@ -115,6 +143,8 @@ class DataConfig:
     num_classes: int = 4  # classes (1: binary with BCE); synthetic: shape classes incl. background
     class_names: list[str] = field(default_factory=list)  # names for logs and metrics.json
     ignore_index: int = 255  # mask value excluded from losses and metrics
+    mask_values: list[int] = field(default_factory=list)  # stored value of class 0, 1, ...: [0, 255]
+    on_bad_file: Literal["error", "skip"] = "error"  # unreadable file: stop and name it | skip it
     num_workers: int = 0  # DataLoader worker processes per training process
     persistent_workers: bool = False  # keep workers alive between epochs
     pin_memory: bool = True  # pinned host memory (used only with CUDA)
@@ -123,22 +153,63 @@ class DataConfig:
     mask_column: str = "label"  # HF datasets: mask column
     synthetic_samples: int = 512  # synthetic: samples in the training set
     synthetic_val_samples: int = 64  # synthetic: samples in the evaluation set
-    normalize: str = "imagenet"  # imagenet | per_image | none
+    normalize: str = "imagenet"  # imagenet | per_image | none (ignored when data.mean/data.std are set)
+    mean: list[float] = field(default_factory=list)  # per-channel normalisation mean (with data.std)
+    std: list[float] = field(default_factory=list)  # per-channel normalisation std (with data.mean)
     window: tuple[float, float] | None = None  # CT windowing (center, width) applied before normalize
 
     def __post_init__(self) -> None:
         _positive(self, "in_chans", "num_classes", "synthetic_samples")
         _non_negative(self, "num_workers", "synthetic_val_samples")
         if any(s <= 0 for s in self.image_size):
-            raise ConfigError(f"data.image_size must be positive, got {self.image_size}")
-        if self.class_names and len(self.class_names) != max(
-            self.num_classes, 2 if self.num_classes == 1 else 0
-        ):
-            raise ConfigError(
-                f"data.class_names has {len(self.class_names)} names but data.num_classes={self.num_classes}"
+            raise field_error(self, "image_size", f"must be positive, got {self.image_size}")
+        classes = max(self.num_classes, 2)
+        if self.class_names and len(self.class_names) != classes:
+            raise field_error(
+                self,
+                "class_names",
+                f"has {len(self.class_names)} names but data.num_classes={self.num_classes} needs {classes}",
             )
         if self.normalize not in ("imagenet", "per_image", "none"):
-            raise ConfigError(f"data.normalize must be imagenet, per_image or none; got {self.normalize!r}")
+            raise field_error(
+                self, "normalize", f"must be imagenet, per_image or none; got {self.normalize!r}"
+            )
+        if self.mask_values:
+            if len(self.mask_values) != classes:
+                raise field_error(
+                    self,
+                    "mask_values",
+                    f"has {len(self.mask_values)} values but data.num_classes={self.num_classes} needs "
+                    f"{classes} (the stored value of class 0, 1, ...; e.g. [0, 255] for 0/255 binary masks)",
+                )
+            if len(set(self.mask_values)) != len(self.mask_values):
+                raise field_error(self, "mask_values", f"has repeated values: {self.mask_values}")
+        if bool(self.mean) != bool(self.std):
+            raise field_error(
+                self, "mean" if not self.mean else "std", "must be set together with data.mean/data.std"
+            )
+        if self.mean:
+            for name in ("mean", "std"):
+                if len(getattr(self, name)) != self.in_chans:
+                    raise field_error(
+                        self,
+                        name,
+                        f"has {len(getattr(self, name))} values but data.in_chans={self.in_chans}",
+                    )
+            if any(v <= 0 for v in self.std):
+                raise field_error(self, "std", f"values must be > 0, got {self.std}")
+        elif self.normalize == "imagenet" and self.in_chans not in (1, 3):
+            raise field_error(
+                self,
+                "normalize",
+                f"is 'imagenet', whose statistics are for 1 or 3 channels, but data.in_chans={self.in_chans}: set "
+                f"data.mean and data.std ({self.in_chans} values each) or data.normalize=per_image",
+            )
+
+    @property
+    def normalization(self) -> str | tuple[list[float], list[float]]:
+        """What transforms take as ``normalize``: ``(data.mean, data.std)`` if set, else ``data.normalize``."""
+        return (list(self.mean), list(self.std)) if self.mean else self.normalize
 
 
 @dataclass
@@ -160,16 +231,25 @@ def _section_name(obj: Any) -> str:
     return getattr(obj, "_config_path", type(obj).__name__)
 
 
+def field_error(obj: Any, name: str, detail: str) -> ConfigError:
+    """A :class:`ConfigError` about field ``name`` of section ``obj``; ``detail`` follows the key.
+
+    Raised from ``__post_init__``, the message says ``TrainConfig.batch_size must be > 0, got 0``;
+    :func:`load_config` and :func:`apply_overrides` rename it to the typed key, ``train.batch_size``.
+    """
+    return ConfigError(f"{type(obj).__name__}.{name} {detail}", field=name, detail=detail)
+
+
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
         if getattr(obj, name) <= 0:
-            raise ConfigError(f"{name} must be > 0, got {getattr(obj, name)!r} (in {type(obj).__name__})")
+            raise field_error(obj, name, f"must be > 0, got {getattr(obj, name)!r}")
 
 
 def _non_negative(obj: Any, *names: str) -> None:
     for name in names:
         if getattr(obj, name) < 0:
-            raise ConfigError(f"{name} must be >= 0, got {getattr(obj, name)!r} (in {type(obj).__name__})")
+            raise field_error(obj, name, f"must be >= 0, got {getattr(obj, name)!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +407,10 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{prefix + ': ' if prefix else ''}{exc}") from None
+        if exc.field is not None and exc.detail is not None:  # name the key as typed: train.batch_size
+            key = f"{prefix}.{exc.field}" if prefix else exc.field
+            raise ConfigError(f"{key} {exc.detail}") from None
+        raise
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -450,7 +533,11 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def parse_cli(cls: type[T], argv: Sequence[str] | None = None) -> T:
-    """Parse ``[--config FILE] [key=value ...]`` into a validated ``cls`` instance."""
+    """Parse ``[--config FILE] [key=value ...]`` into a validated ``cls`` instance.
+
+    ``-h`` / ``--help`` prints every key with its default and one-line description to stdout and
+    raises ``SystemExit(0)``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path = None
     overrides: list[str] = []
@@ -458,7 +545,9 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None) -> T:
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            raise SystemExit(_help_text(cls))
+            sys.stdout.write(help_text(cls) + "\n")
+            sys.stdout.flush()
+            raise SystemExit(0)
         if arg == "--config":
             if i + 1 >= len(argv):
                 raise ConfigError("--config needs a file path")
@@ -475,10 +564,73 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None) -> T:
     return load_config(cls, config_path, overrides)
 
 
-def _help_text(cls: type) -> str:
-    lines = [f"usage: [--config FILE.yaml] [section.key=value ...]\n\nkeys of {cls.__name__} (defaults):"]
-    for key, value in _flatten(config_to_dict(cls())).items():
-        lines.append(f"  {key}={value!r}")
+@functools.cache
+def field_descriptions(cls: type) -> dict[str, str]:
+    """One-line description of each field of dataclass ``cls``: the comment written on its line(s).
+
+    Read from the source (``name: type = default  # description``); a field whose definition spans
+    several lines may carry its comment on any of them. Fields without a comment are left out.
+    """
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (e.g. defined in a REPL)
+        return {}
+    comments: dict[int, str] = {}
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    except (tokenize.TokenError, IndentationError):
+        return {}
+    out: dict[str, str] = {}
+    for node in ast.parse(source).body[0].body:  # the class body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+            text = next((comments[n] for n in lines if n in comments), None)
+            if text:
+                out[node.target.id] = text
+    return out
+
+
+def help_text(cls: type) -> str:
+    """``--help`` text: usage, then every key as ``section.key=default  description``."""
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "run.py"
+    doc = (inspect.getdoc(cls) or "").strip().splitlines()
+    rows: list[tuple[str, str]] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        docs = field_descriptions(type(obj))
+        for f in dataclasses.fields(obj):
+            if not f.init:
+                continue
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                section_doc = (inspect.getdoc(type(value)) or "").strip().splitlines()
+                rows.append(("", f"{key}: {section_doc[0] if section_doc else ''}".rstrip(": ")))
+                walk(value, key + ".")
+                continue
+            shown = yaml.safe_dump(config_to_dict({"v": value})["v"], default_flow_style=True, width=10**6)
+            shown = shown.strip().removesuffix("...").strip()
+            rows.append((f"{key}={shown}", docs.get(f.name, "")))
+
+    walk(cls(), "")
+    width = min(44, max((len(k) for k, _ in rows if k), default=0))
+    lines = [
+        f"usage: {prog} [--config FILE.yaml] [section.key=value ...]",
+        "",
+        *([doc[0], ""] if doc else []),
+        "Values are YAML (train.max_steps=10, data.image_size=[64,64], data.window=null); the command line",
+        "overrides the --config file, which overrides these defaults. User errors end with one line",
+        "naming the key or file and exit status 2; HYBRIDVISION_DEBUG=1 shows the traceback instead.",
+    ]
+    for key, text in rows:
+        if not key:
+            lines.extend(["", text])
+        elif len(key) > width:
+            lines.append(f"  {key}\n  {'':{width}}  {text}" if text else f"  {key}")
+        else:
+            lines.append(f"  {key:{width}}  {text}".rstrip())
     return "\n".join(lines)
 
 
@@ -498,20 +650,75 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: errno values of OSErrors a user causes (paths): reported in one line, without a traceback
+_USER_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+    | {errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+)
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message for an exception a user caused, or None for a bug (keep the traceback).
+
+    User errors: :class:`ConfigError` and other ``ValueError`` (bad data, bad values),
+    ``FileNotFoundError`` / path ``OSError`` (missing, read-only or non-directory paths, full
+    disk), ``KeyError`` (unknown model names) and the engine's ``NonFiniteLossError`` (whose
+    message already says what to change).
+    """
+    engine = sys.modules.get("hybridvision.engine")  # imported by the stage if it trained at all
+    nonfinite = getattr(engine, "NonFiniteLossError", None)
+    if isinstance(exc, KeyError):
+        text = str(exc.args[0]) if len(exc.args) == 1 else str(exc)
+        text = f"key {text!r} not found" if type(exc) is KeyError else text
+    elif isinstance(exc, ValueError) or (nonfinite is not None and isinstance(exc, nonfinite)):
+        text = str(exc)
+    elif isinstance(exc, OSError) and (exc.errno in _USER_ERRNOS or isinstance(exc, FileNotFoundError)):
+        text = str(exc)
+    else:
+        return None
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def check_output_dir(cfg: Any) -> None:
+    """Fail early, naming ``train.output_dir``, when it cannot be created or written.
+
+    Raises:
+        ConfigError: if the path (or its first existing ancestor) is a file, or is not writable.
+    """
+    out = getattr(getattr(cfg, "train", None), "output_dir", None)
+    if not isinstance(out, str) or not out:
+        return
+    path = Path(out).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"train.output_dir={out}: {existing} is a file, not a folder; choose another train.output_dir"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"train.output_dir={out}: {existing} is not writable (read-only or no permission); "
+            "choose another train.output_dir"
+        )
+
+
 def cli_main(cls: type[T], main: Callable[[T], Any], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(config)`` for a stage script; user errors exit with status 2 and one message."""
+    """Run ``main(config)`` for a stage script and return its exit status.
+
+    0 on success; 2 for a user error (see :func:`user_error_message`), reported as one line
+    ``error: ...`` on stderr without a traceback (``HYBRIDVISION_DEBUG=1`` re-raises instead).
+    Other exceptions (bugs) propagate with their traceback.
+    """
     try:
         cfg = parse_cli(cls, argv)
-    except ConfigError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    try:
+        check_output_dir(cfg)
         main(cfg)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
-        # user errors (bad paths, bad data, unknown model names) end with one message, no traceback;
-        # HYBRIDVISION_DEBUG=1 shows the traceback instead
-        if os.environ.get("HYBRIDVISION_DEBUG"):
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None or os.environ.get("HYBRIDVISION_DEBUG", "") not in ("", "0"):
             raise
-        sys.stderr.write(f"error: {exc}\n(set HYBRIDVISION_DEBUG=1 for the traceback)\n")
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
         return 2
     return 0

@@ -9,28 +9,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from hybridvision.data.io import (
     IMAGE_EXTENSIONS,
+    READ_ERRORS,
     Sample,
     apply_transform,
     check_mask_values,
     list_files,
     read_image,
     read_mask,
+    remap_mask,
 )
 
-__all__ = ["ImageFolderDataset", "SegmentationFolderDataset", "split_by_ids"]
+__all__ = ["ImageFolderDataset", "SegmentationFolderDataset", "bad_file_message", "split_by_ids"]
 
 logger = logging.getLogger(__name__)
 
 Transform = Callable[[Sample], Any]
 
-# Errors that mean "this file cannot be used" (corrupt, truncated, unreadable, odd channel
-# count, absurdly large). PIL.UnidentifiedImageError is an OSError; some plugins raise SyntaxError.
-_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Errors that mean "this file cannot be used" for unlabelled pretraining: unreadable (READ_ERRORS)
+# or an odd channel count (ValueError).
+_READ_ERRORS = (*READ_ERRORS, ValueError)
 
 
 class ImageFolderDataset(Dataset):
@@ -42,6 +43,10 @@ class ImageFolderDataset(Dataset):
     its place, so one bad file never stops an epoch. With DataLoader workers each worker process
     keeps its own count.
 
+    With ``on_bad_file="error"`` every file is instead decoded once at construction and the first
+    unreadable one is a ``ValueError`` naming it, so a run stops before training rather than
+    losing work mid-epoch.
+
     Samples: ``{"image": (C, H, W) float32, "id": str}`` where ``id`` is the path relative to
     ``root`` without suffix (posix separators).
 
@@ -50,9 +55,12 @@ class ImageFolderDataset(Dataset):
         in_chans: Channels of the returned images (see :func:`~hybridvision.data.io.read_image`).
         transform: Callable on the sample dict (image as ``tv_tensors.Image``).
         extensions: Accepted suffixes.
+        on_bad_file: ``"skip"`` (default: skip, count and warn at access time) or ``"error"``
+            (check every file now; the ``data.on_bad_file`` default of the stage scripts).
 
     Raises:
         FileNotFoundError: If ``root`` does not exist or holds no image file.
+        ValueError: With ``on_bad_file="error"``, naming the first unreadable file.
     """
 
     def __init__(
@@ -61,7 +69,10 @@ class ImageFolderDataset(Dataset):
         in_chans: int = 3,
         transform: Transform | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        on_bad_file: Literal["error", "skip"] = "skip",
     ) -> None:
+        if on_bad_file not in ("error", "skip"):
+            raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
@@ -73,7 +84,14 @@ class ImageFolderDataset(Dataset):
         self.ids = [p.relative_to(self.root).with_suffix("").as_posix() for p in self.files]
         self.in_chans = in_chans
         self.transform = transform
+        self.on_bad_file = on_bad_file
         self._bad: set[int] = set()
+        if on_bad_file == "error":
+            for path in self.files:
+                try:
+                    read_image(path, in_chans)
+                except _READ_ERRORS as err:
+                    raise ValueError(bad_file_message("image", path, err)) from err
 
     @property
     def num_skipped(self) -> int:
@@ -106,7 +124,18 @@ class SegmentationFolderDataset(Dataset):
     mask. With ``check="full"`` every mask is read once at construction to verify its size
     against its image's header and its values against ``[0, num_classes) ∪ {ignore_index}``
     (and per-class pixel counts are kept in :attr:`class_pixel_counts`); with ``"lazy"`` the
-    same checks run only when an item is loaded. They always run per item as well.
+    same checks run only when an item is loaded. They always run per item as well. The full check
+    also decodes every image, so a truncated or 0-byte file is found before training starts.
+
+    Unreadable files (corrupt, truncated, 0-byte images or masks) follow ``on_bad_file``:
+    ``"error"`` raises a ``ValueError`` naming the file; ``"skip"`` drops the pair (at
+    construction with ``check="full"``, else at access time, returning the next readable pair),
+    counts it in :attr:`num_skipped` and logs a warning. Size and value errors always raise.
+
+    Masks whose stored values are not class ids (0/255 binary masks) are mapped with
+    ``mask_values``. A split whose only non-zero value is ``ignore_index`` is refused (every
+    foreground pixel would silently be ignored); a class that never occurs, or more than half of
+    the pixels ignored, is a warning.
 
     Samples: ``{"image": (C, H, W) float32, "mask": (H, W) int64, "id": str}``.
 
@@ -119,10 +148,15 @@ class SegmentationFolderDataset(Dataset):
         transform: Callable on the sample dict (``tv_tensors.Image`` / ``tv_tensors.Mask``).
         check: ``"full"`` (verify every mask now) or ``"lazy"`` (verify on access only).
         ids: Keep only these ids (file stems, e.g. ``["25", "26"]``), in the given order.
+        mask_values: Stored mask value of class 0, 1, ... (see
+            :func:`~hybridvision.data.io.remap_mask`); None: masks store class ids.
+        on_bad_file: ``"error"`` or ``"skip"`` for unreadable files (see above).
 
     Raises:
         FileNotFoundError: Missing folders, an image without a mask, or unknown ``ids``.
-        ValueError: A mask whose size differs from its image, or with out-of-range values.
+        ValueError: A mask whose size differs from its image, with out-of-range values, a split
+            whose only foreground value is ``ignore_index``, or (``on_bad_file="error"``) an
+            unreadable file.
     """
 
     def __init__(
@@ -135,9 +169,13 @@ class SegmentationFolderDataset(Dataset):
         transform: Transform | None = None,
         check: Literal["full", "lazy"] = "full",
         ids: Sequence[str] | None = None,
+        mask_values: Sequence[int] | None = None,
+        on_bad_file: Literal["error", "skip"] = "error",
     ) -> None:
         if check not in ("full", "lazy"):
             raise ValueError(f"check must be 'full' or 'lazy', got {check!r}")
+        if on_bad_file not in ("error", "skip"):
+            raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.root = Path(root)
@@ -146,6 +184,9 @@ class SegmentationFolderDataset(Dataset):
         self.ignore_index = ignore_index
         self.in_chans = in_chans
         self.transform = transform
+        self.mask_values = list(mask_values) if mask_values else None
+        self.on_bad_file = on_bad_file
+        self._bad: set[int] = set()
         pairs = self.list_pairs(self.root, split)
         if ids is not None:
             ids = [str(i) for i in ids]
@@ -197,20 +238,93 @@ class SegmentationFolderDataset(Dataset):
             pairs[stem] = (image_path, mask_path)
         return pairs
 
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable pairs skipped so far (at construction and, in this process, at access time)."""
+        return len(self._bad) + self._skipped_at_init
+
+    _skipped_at_init = 0
+
+    def _read_pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode pair ``index``: image (C, H, W), class-id mask (H, W); ValueError names a bad file."""
+        image_path, mask_path = self.image_files[index], self.mask_files[index]
+        try:
+            image = read_image(image_path, self.in_chans)
+        except READ_ERRORS as err:
+            raise _BadFile(bad_file_message("image", image_path, err)) from err
+        try:
+            mask = read_mask(mask_path)
+        except READ_ERRORS as err:
+            raise _BadFile(bad_file_message("mask", mask_path, err)) from err
+        self._check_size(image_path, mask_path, (image.shape[2], image.shape[1]), mask)
+        if self.mask_values is not None:
+            mask = remap_mask(mask, self.mask_values, self.ignore_index, str(mask_path))
+        return image, mask
+
     def _check_all(self) -> None:
         counts = torch.zeros(self.num_classes, dtype=torch.int64)
         total = 0
-        for image_path, mask_path in zip(self.image_files, self.mask_files):
-            with Image.open(image_path) as img:  # header only: no pixel decoding
-                image_size = img.size
-            mask = read_mask(mask_path)
-            self._check_size(image_path, mask_path, image_size, mask)
+        keep: list[int] = []
+        for index, mask_path in enumerate(self.mask_files):
+            try:
+                _, mask = self._read_pair(index)
+            except _BadFile as err:
+                if self.on_bad_file == "error":
+                    raise ValueError(str(err)) from err.__cause__
+                logger.warning("skipping %s (data.on_bad_file=skip)", err)
+                continue
             per_value = check_mask_values(mask, self.num_classes, self.ignore_index, str(mask_path))
             counts += per_value[: self.num_classes]
             total += mask.numel()
+            keep.append(index)
+        if len(keep) < len(self.ids):
+            self._skipped_at_init = len(self.ids) - len(keep)
+            logger.warning(
+                "%s: skipped %d unreadable of %d image/mask pairs",
+                self.root / "images" / self.split,
+                self._skipped_at_init,
+                len(self.ids),
+            )
+            if not keep:
+                raise ValueError(f"no readable image/mask pair left in {self.root / 'images' / self.split}")
+            self.ids = [self.ids[i] for i in keep]
+            self.image_files = [self.image_files[i] for i in keep]
+            self.mask_files = [self.mask_files[i] for i in keep]
         self.class_pixel_counts = counts
         # After the check every pixel is a class id or ignore_index.
         self.ignored_pixel_count = total - int(counts.sum())
+        self._check_label_statistics(total)
+
+    def _check_label_statistics(self, total: int) -> None:
+        """Refuse a split whose only foreground is the ignore value; warn on absent classes."""
+        counts, ignored = self.class_pixel_counts, self.ignored_pixel_count
+        where = self.root / "masks" / self.split
+        if ignored and not int(counts[1:].sum()) and self.mask_values is None:
+            raise ValueError(
+                f"masks in {where} hold only the values 0 and {self.ignore_index}, and "
+                f"{self.ignore_index} is data.ignore_index: every non-zero pixel would be ignored and "
+                f"the metrics would be meaningless. For 0/{self.ignore_index} binary masks set "
+                f"data.mask_values=[0, {self.ignore_index}]; if {self.ignore_index} is a class, set "
+                "data.ignore_index to an unused value (e.g. -100)"
+            )
+        absent = [i for i in range(len(counts)) if int(counts[i]) == 0]
+        if absent:
+            logger.warning(
+                "%s: class(es) %s never occur in the %d masks of split %r (check data.num_classes, "
+                "data.mask_values and data.ignore_index)",
+                where,
+                absent,
+                len(self.ids),
+                self.split,
+            )
+        if total and ignored > total / 2:
+            logger.warning(
+                "%s: %.1f%% of the pixels of split %r equal data.ignore_index=%s and are ignored",
+                where,
+                100.0 * ignored / total,
+                self.split,
+                self.ignore_index,
+            )
 
     @staticmethod
     def _check_size(
@@ -227,13 +341,42 @@ class SegmentationFolderDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> Any:
-        image_path, mask_path = self.image_files[index], self.mask_files[index]
-        image = read_image(image_path, self.in_chans)
-        mask = read_mask(mask_path)
-        self._check_size(image_path, mask_path, (image.shape[2], image.shape[1]), mask)
-        check_mask_values(mask, self.num_classes, self.ignore_index, str(mask_path))
-        sample = {"image": image, "mask": mask, "id": self.ids[index]}
-        return apply_transform(sample, self.transform)
+        n = len(self.ids)
+        for offset in range(n):
+            i = (index + offset) % n
+            if i in self._bad:
+                continue
+            try:
+                image, mask = self._read_pair(i)
+            except _BadFile as err:
+                if self.on_bad_file == "error":
+                    raise ValueError(str(err)) from err.__cause__
+                self._bad.add(i)
+                logger.warning("skipping %s (data.on_bad_file=skip)", err)
+                continue
+            check_mask_values(mask, self.num_classes, self.ignore_index, str(self.mask_files[i]))
+            sample = {"image": image, "mask": mask, "id": self.ids[i]}
+            return apply_transform(sample, self.transform)
+        raise ValueError(f"no readable image/mask pair left in {self.root / 'images' / self.split}")
+
+
+class _BadFile(Exception):
+    """An unreadable image or mask (internal: turned into ValueError or a skip)."""
+
+
+def bad_file_message(kind: str, path: str | os.PathLike, err: BaseException) -> str:
+    """One line naming an unreadable file, why, and the two ways out."""
+    size = ""
+    try:
+        if Path(path).stat().st_size == 0:
+            size = " (0 bytes)"
+    except OSError:
+        pass
+    reason = " ".join(str(err).split()) or type(err).__name__
+    return (
+        f"{kind} {path}{size} cannot be read: {reason}; replace or remove it, or set "
+        "data.on_bad_file=skip to skip unreadable files"
+    )
 
 
 def split_by_ids(

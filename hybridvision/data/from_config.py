@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,16 @@ Transform = Callable[[dict], Any]
 
 
 def source_kind(source: str) -> str:
-    """``synthetic`` | ``folder`` (images/<split> layout) | ``image_folder`` | ``hf_disk`` | ``hub``."""
+    """``synthetic`` | ``folder`` (images/<split> layout) | ``image_folder`` | ``hf_disk`` | ``hub``.
+
+    A string that does not exist locally is a hub id only if it has the form ``owner/name`` and
+    ``owner`` is not a local folder; anything else that looks like a path (starts with ``.``,
+    ``/`` or ``~``, has more or fewer than one ``/``, or a backslash) is a "no such folder" error
+    at once, with the closest existing names as a hint.
+
+    Raises:
+        ConfigError: For a file, or a local-looking path that does not exist.
+    """
     if source == "synthetic":
         return "synthetic"
     path = Path(source).expanduser()
@@ -48,11 +58,35 @@ def source_kind(source: str) -> str:
         return "image_folder"
     if path.exists():
         raise ConfigError(f"data.source={source!r} is a file; expected a folder, a hub id or 'synthetic'")
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+    if looks_like_hub_id(source):
         return "hub"
-    raise ConfigError(
-        f"data.source={source!r}: no such folder (and not a hub id 'owner/name' or 'synthetic')"
-    )
+    raise ConfigError(f"data.source={source!r}: no such folder{missing_path_hint(path)}")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """True for ``owner/name`` strings that cannot be a local path (``owner`` is no local folder)."""
+    if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") != 1:
+        return False
+    owner, name = text.split("/")
+    return bool(owner and name) and not Path(owner).exists()
+
+
+def missing_path_hint(path: Path) -> str:
+    """`` (did you mean ...?)`` from the deepest existing parent of a missing ``path``, or ``''``."""
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return ""
+    rel = path.relative_to(parent).parts if path.is_relative_to(parent) else (path.name,)
+    try:
+        names = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(rel[0], names, n=3, cutoff=0.5)
+    if close:
+        return f" (did you mean {', '.join(str(parent / c) for c in close)}?)"
+    return f" ({parent} exists but has no {rel[0]!r})"
 
 
 def _synthetic_classes(cfg: DataConfig) -> int:
@@ -78,9 +112,13 @@ def build_unlabelled_dataset(
         root = Path(cfg.source) / "images" / cfg.split
         if not root.is_dir():
             raise ConfigError(f"data.split={cfg.split!r}: folder {root} does not exist")
-        return ImageFolderDataset(root, in_chans=cfg.in_chans, transform=transform)
+        return ImageFolderDataset(
+            root, in_chans=cfg.in_chans, transform=transform, on_bad_file=cfg.on_bad_file
+        )
     if kind == "image_folder":
-        return ImageFolderDataset(cfg.source, in_chans=cfg.in_chans, transform=transform)
+        return ImageFolderDataset(
+            cfg.source, in_chans=cfg.in_chans, transform=transform, on_bad_file=cfg.on_bad_file
+        )
     return load_hf_dataset(
         cfg.source,
         split=cfg.split,
@@ -118,7 +156,14 @@ def build_labelled_datasets(
             )
         return train, val
     if kind == "folder":
-        common = dict(num_classes=classes, ignore_index=ignore, in_chans=cfg.in_chans, check=check)
+        common = dict(
+            num_classes=classes,
+            ignore_index=ignore,
+            in_chans=cfg.in_chans,
+            check=check,
+            mask_values=cfg.mask_values or None,
+            on_bad_file=cfg.on_bad_file,
+        )
         if cfg.val_ids:
             return split_by_ids(
                 cfg.source,
@@ -144,6 +189,7 @@ def build_labelled_datasets(
         in_chans=cfg.in_chans,
         num_classes=classes,
         ignore_index=ignore,
+        mask_values=cfg.mask_values or None,
     )
     train = load_hf_dataset(cfg.source, split=cfg.split, transform=train_transform, **hf)
     val = (

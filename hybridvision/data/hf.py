@@ -17,18 +17,20 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from hybridvision.data.io import (
+    READ_ERRORS,
     Sample,
     apply_transform,
     check_mask_values,
     image_to_tensor,
     mask_to_tensor,
     read_image,
+    remap_mask,
 )
 
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["HFSegmentationDataset", "HFStreamingDataset", "load_hf_dataset"]
+__all__ = ["HFSegmentationDataset", "HFStreamingDataset", "hub_offline_reason", "load_hf_dataset"]
 
 Transform = Callable[[Sample], Any]
 
@@ -48,10 +50,12 @@ class _RowConverter:
         num_classes: int | None,
         ignore_index: int | None,
         transform: Transform | None,
+        mask_values: list[int] | None = None,
     ) -> None:
         self.image_column, self.mask_column, self.id_column = image_column, mask_column, id_column
         self.in_chans, self.num_classes, self.ignore_index = in_chans, num_classes, ignore_index
         self.transform = transform
+        self.mask_values = mask_values
 
     @property
     def columns(self) -> list[str]:
@@ -68,10 +72,18 @@ class _RowConverter:
         self.check_columns(list(row), "the dataset row")
         sample_id = str(row[self.id_column]) if self.id_column is not None else fallback_id
         name = f"row {sample_id!r} column {self.image_column!r}"
-        sample: Sample = {"image": _to_image(row[self.image_column], self.in_chans, name)}
+        try:
+            sample: Sample = {"image": _to_image(row[self.image_column], self.in_chans, name)}
+        except READ_ERRORS as err:
+            raise ValueError(f"{name}: the image cannot be decoded: {err}") from err
         if self.mask_column is not None:
             mask_name = f"row {sample_id!r} column {self.mask_column!r}"
-            mask = _to_mask(row[self.mask_column], mask_name)
+            try:
+                mask = _to_mask(row[self.mask_column], mask_name)
+            except READ_ERRORS as err:
+                raise ValueError(f"{mask_name}: the mask cannot be decoded: {err}") from err
+            if self.mask_values is not None:
+                mask = remap_mask(mask, self.mask_values, self.ignore_index, mask_name)
             if tuple(mask.shape) != tuple(sample["image"].shape[1:]):
                 raise ValueError(
                     f"{mask_name} has size {tuple(mask.shape)} (H, W) but the image is "
@@ -151,6 +163,7 @@ def load_hf_dataset(
     in_chans: int = 3,
     num_classes: int | None = None,
     ignore_index: int | None = 255,
+    mask_values: list[int] | None = None,
     transform: Transform | None = None,
     streaming: bool = False,
     rank: int = 0,
@@ -174,6 +187,7 @@ def load_hf_dataset(
         in_chans: Channels of the returned images.
         num_classes: If given, mask values are checked against [0, num_classes) ∪ {ignore_index}.
         ignore_index: Mask value of ignored pixels, or None.
+        mask_values: Stored mask value of class 0, 1, ... (e.g. ``[0, 255]``); None: class ids.
         transform: Callable on the sample dict (``tv_tensors.Image`` / ``tv_tensors.Mask``).
         streaming: Return an :class:`HFStreamingDataset` (iterable, sharded per process and worker).
         rank: This process's index (streaming only; map-style sets are sharded by the engine).
@@ -187,14 +201,15 @@ def load_hf_dataset(
         A map-style :class:`HFSegmentationDataset` or an iterable :class:`HFStreamingDataset`.
 
     Raises:
-        ValueError: Missing split or column (the message lists the available ones).
+        ValueError: Missing split or column (the message lists the available ones); a hub id
+            while offline (``HF_HUB_OFFLINE=1`` and not cached, or no network), in one line.
     """
     dataset = _load(source, split, streaming, num_shards, cache_dir)
     columns = dataset.column_names
     if id_column is None and columns is not None and "id" in columns:
         id_column = "id"
     converter = _RowConverter(
-        image_column, mask_column, id_column, in_chans, num_classes, ignore_index, transform
+        image_column, mask_column, id_column, in_chans, num_classes, ignore_index, transform, mask_values
     )
     converter.check_columns(columns, str(source))
     if streaming:
@@ -233,11 +248,54 @@ def _load(
         )
     if path.exists():
         raise ValueError(f"{path} is a file; expected a save_to_disk folder, an image folder or a hub id")
-    return _with_split_error(
-        lambda: datasets.load_dataset(str(source), split=split, streaming=streaming, cache_dir=cache),
-        split,
-        str(source),
+    offline = hub_offline_reason()
+    if offline and not _env_offline():
+        raise ValueError(
+            f"data.source={str(source)!r} is not a local folder, and as a Hugging Face hub dataset it "
+            f"cannot be downloaded: {offline}. Check the path, or set HF_HUB_OFFLINE=1 to use a "
+            "copy in the local datasets cache"
+        )
+    try:
+        return _with_split_error(
+            lambda: datasets.load_dataset(str(source), split=split, streaming=streaming, cache_dir=cache),
+            split,
+            str(source),
+        )
+    except (ConnectionError, OSError) as err:
+        if not offline:
+            raise
+        raise ValueError(
+            f"data.source={str(source)!r} is not a local folder and not in the local datasets cache "
+            f"({offline}); check the path, or download it once with network access"
+        ) from err
+
+
+def _env_offline() -> bool:
+    return any(
+        os.environ.get(var, "").lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     )
+
+
+def hub_offline_reason(timeout: float = 2.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or None when it can.
+
+    ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` set, or a TCP connection to the hub endpoint
+    (``$HF_ENDPOINT``, default ``https://huggingface.co``) failing within ``timeout`` seconds,
+    so a mistyped local path never waits for the hub's network retries.
+    """
+    if _env_offline():
+        return "HF_HUB_OFFLINE=1 is set"
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"{host} cannot be reached (no network? {type(err).__name__}: {err})"
 
 
 def _with_split_error(load: Callable[[], Any], split: str, source: str) -> Any:

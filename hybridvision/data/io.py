@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,18 @@ __all__ = [
     "mask_to_tensor",
     "read_image",
     "read_mask",
+    "remap_mask",
+    "READ_ERRORS",
 ]
 
 Sample = dict[str, Any]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 """File suffixes (lower case) that :func:`read_image` understands."""
+
+#: Exceptions that mean "this file cannot be decoded" (corrupt, truncated, 0-byte, unreadable,
+#: absurdly large). ``PIL.UnidentifiedImageError`` is an ``OSError``; some plugins raise SyntaxError.
+READ_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, Image.DecompressionBombError)
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 # ITU-R 601-2 luma, the weights PIL uses for RGB -> L.
@@ -186,6 +192,44 @@ def check_mask_values(
             + f" (num_classes={num_classes})"
         )
     return counts
+
+
+def remap_mask(
+    mask: torch.Tensor, mask_values: Sequence[int], ignore_index: int | None, name: str
+) -> torch.Tensor:
+    """Map stored mask values to class ids: ``mask_values[i]`` becomes class ``i``.
+
+    For masks that do not store class ids directly, e.g. 0/255 binary masks (``[0, 255]``) or
+    grey levels (``[0, 128, 255]``). A stored value listed in ``mask_values`` wins over
+    ``ignore_index``; ``ignore_index`` pixels not listed stay ignored.
+
+    Args:
+        mask: Stored mask (H, W), integer.
+        mask_values: Stored value of class 0, 1, ...
+        ignore_index: Label of ignored pixels, or None.
+        name: What to call the mask in the error message (file name).
+
+    Returns:
+        Class-id mask (H, W), int64.
+
+    Raises:
+        ValueError: Naming the mask and the stored values that are neither listed nor ignored.
+    """
+    out = torch.full_like(mask, -1 if ignore_index is None else ignore_index, dtype=torch.int64)
+    known = torch.zeros_like(mask, dtype=torch.bool)
+    for class_id, value in enumerate(mask_values):
+        hit = mask == value
+        out[hit] = class_id
+        known |= hit
+    if ignore_index is not None:
+        known |= (mask == ignore_index) & ~known
+    if not bool(known.all()):
+        bad = sorted(int(v) for v in mask[~known].unique()[:8])
+        raise ValueError(
+            f"mask {name} has values {bad} that are neither in data.mask_values={list(mask_values)} "
+            f"nor data.ignore_index={ignore_index}; list every stored value in data.mask_values"
+        )
+    return out
 
 
 def apply_transform(sample: Sample, transform: Callable[[Sample], Any] | None) -> Any:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-__all__ = ["build_dataloader", "seed_worker"]
+__all__ = ["build_dataloader", "collate_mixed_sizes", "iter_size_groups", "seed_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +80,36 @@ def build_dataloader(
         worker_init_fn=seed_worker if num_workers > 0 else None,
         generator=generator,
     )
+
+
+def collate_mixed_sizes(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate sample dicts whose images may differ in size (evaluation at native resolution).
+
+    Samples of one size are stacked as ``default_collate`` does (and when all share one size the
+    result is exactly ``default_collate(samples)``). Otherwise the batch is
+    ``{"groups": [batch, ...], "positions": [(n_g,) int64, ...]}``: one stacked batch per size, in
+    order of first appearance, and the positions of its samples in ``samples``, so per-sample
+    results can be put back in loader order (``accelerator.gather_for_metrics`` drops padding
+    samples by their position at the end of the last batch).
+
+    Args:
+        samples: ``[{"image": (C, H_i, W_i), "mask": (H_i, W_i), "id": str, ...}, ...]``.
+    """
+    from torch.utils.data import default_collate
+
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_size.setdefault(tuple(sample["image"].shape), []).append(i)
+    if len(by_size) == 1:
+        return default_collate(samples)
+    return {
+        "groups": [default_collate([samples[i] for i in idx]) for idx in by_size.values()],
+        "positions": [torch.tensor(idx, dtype=torch.int64) for idx in by_size.values()],
+    }
+
+
+def iter_size_groups(batch: dict[str, Any]) -> list[tuple[dict[str, Any], torch.Tensor | None]]:
+    """``[(sub_batch, positions or None), ...]`` of a batch made by :func:`collate_mixed_sizes`."""
+    if "groups" in batch:
+        return list(zip(batch["groups"], batch["positions"]))
+    return [(batch, None)]

@@ -239,7 +239,7 @@ def _normalization(normalize: Normalize, in_chans: int) -> list[v2.Transform]:
                 return [v2.Normalize([sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3])]
             raise ValueError(
                 f"normalize='imagenet' needs in_chans 1 or 3, got {in_chans}; "
-                "pass explicit (mean, std) or 'per_image'"
+                "pass explicit (mean, std) (data.mean / data.std in the configs) or 'per_image'"
             )
         raise ValueError(
             f"normalize must be 'imagenet', 'per_image', 'none' or (mean, std); got {normalize!r}"

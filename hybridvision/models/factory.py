@@ -25,6 +25,25 @@ __all__ = ["create_encoder", "create_decoder", "create_segmenter", "list_models"
 DEFAULT_DECODER = "segformer_mlp"
 
 
+def _check_count(arg: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``, or a TypeError/ValueError naming ``arg`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        # numpy / torch integer scalars are fine; strings, floats and None are not
+        if hasattr(value, "__index__") and not isinstance(value, bool):
+            value = int(value.__index__())
+        else:
+            raise TypeError(f"{arg} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{arg} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def _check_name(arg: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{arg} must be a registered name (non-empty str), got {value!r}")
+    return value
+
+
 def create_encoder(name: str, in_chans: int = 3, weights: str | None = None, **overrides: Any) -> Encoder:
     """Build a registered encoder.
 
@@ -35,8 +54,8 @@ def create_encoder(name: str, in_chans: int = 3, weights: str | None = None, **o
             converted by the family's ``load_pretrained_weights`` (Swin, ResNet families).
         **overrides: preset fields to override (e.g. ``drop_path_rate=0.1``).
     """
-    if in_chans < 1:
-        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    name = _check_name("name", name)
+    in_chans = _check_count("in_chans", in_chans)
     encoder = encoder_entrypoint(name)(in_chans=in_chans, **overrides)
     encoder.build_kwargs = {"name": name, "in_chans": in_chans, **overrides}
     if weights is not None:
@@ -54,6 +73,13 @@ def create_decoder(
     name: str, in_channels: tuple[int, ...], reductions: tuple[int, ...], num_classes: int, **kwargs: Any
 ) -> nn.Module:
     """Build a registered decoder for features with ``in_channels`` at ``reductions``."""
+    name = _check_name("decoder", name)
+    num_classes = _check_count("num_classes", num_classes)
+    if len(tuple(in_channels)) != len(tuple(reductions)):
+        raise ValueError(
+            f"decoder {name!r}: in_channels {tuple(in_channels)} and reductions {tuple(reductions)} "
+            "must have one entry per feature stage"
+        )
     return decoder_entrypoint(name)(
         in_channels=tuple(in_channels), reductions=tuple(reductions), num_classes=num_classes, **kwargs
     )
@@ -76,9 +102,20 @@ def create_segmenter(
         decoder: decoder name; defaults to the preset's, or ``segformer_mlp`` for a bare encoder.
         decoder_kwargs: decoder overrides (e.g. ``{"embed_dim": 128}``).
         **overrides: encoder overrides (e.g. ``img_size=512``).
+
+    Raises:
+        TypeError: ``num_classes`` / ``in_chans`` not an int, ``name`` / ``decoder`` not a string,
+            ``decoder_kwargs`` not a dict.
+        ValueError: ``num_classes`` or ``in_chans`` below 1.
+        UnknownModelError: An unregistered name (the message lists the valid ones).
     """
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    name = _check_name("name", name)
+    num_classes = _check_count("num_classes", num_classes)
+    in_chans = _check_count("in_chans", in_chans)
+    if decoder is not None:
+        decoder = _check_name("decoder", decoder)
+    if decoder_kwargs is not None and not isinstance(decoder_kwargs, dict):
+        raise TypeError(f"decoder_kwargs must be a dict, got {type(decoder_kwargs).__name__}")
     if name in list_segmenters():
         spec = segmenter_spec(name)
     elif name in list_encoders():

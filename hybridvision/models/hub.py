@@ -67,19 +67,53 @@ def save_pretrained(
 
 
 def _resolve(path_or_id: str | os.PathLike) -> Path:
-    path = Path(path_or_id)
+    """A local model directory, or a hub id ``owner/name`` downloaded (or taken from the cache).
+
+    A missing path that cannot be a hub id (starts with ``.``, ``/`` or ``~``, not exactly one
+    ``/``, or whose ``owner`` is a local folder) is a ``FileNotFoundError`` at once; a hub id while
+    offline is a one-line ``ValueError`` instead of the hub client's retries.
+    """
+    path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise ValueError(f"{path} is a file; from_pretrained expects a model directory or a hub id")
     text = str(path_or_id)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+    owner = text.split("/")[0]
+    if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") != 1 or Path(owner).is_dir():
         raise FileNotFoundError(
             f"model directory {text!r} does not exist (and it is not a hub id 'owner/name')"
         )
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors"]))
+    from ..data.hf import hub_offline_reason
+
+    offline = hub_offline_reason()
+    try:
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as err:  # huggingface_hub raises several types (HTTP, offline, not found)
+        if offline:
+            raise ValueError(
+                f"{text!r} is not a local model directory, and as a hub id it is not in the local cache "
+                f"and cannot be downloaded ({offline}); check the path"
+            ) from err
+        raise ValueError(
+            f"{text!r} is not a local model directory and the hub download failed: {err}"
+        ) from err
+
+
+def _load_safetensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with a one-line error naming a truncated or corrupt file."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as err:
+        size = path.stat().st_size if path.exists() else 0
+        raise ValueError(
+            f"{path} ({size} bytes) is not a readable safetensors file ({err}): it is truncated or "
+            "corrupt, e.g. an interrupted copy, download or save; copy it again or re-export the model"
+        ) from err
 
 
 def read_model_config(path_or_id: str | os.PathLike) -> dict[str, Any]:
@@ -87,7 +121,9 @@ def read_model_config(path_or_id: str | os.PathLike) -> dict[str, Any]:
     directory = _resolve(path_or_id)
     cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: not a model directory")
+        inner = [d for d in ("model", "encoder", "export") if (directory / d / CONFIG_NAME).is_file()]
+        hint = f"; did you mean {directory / inner[0]}?" if inner else ""
+        raise FileNotFoundError(f"{cfg_path} not found: {directory} is not a model directory{hint}")
     try:
         return json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
@@ -115,6 +151,11 @@ def from_pretrained(path_or_id: str | os.PathLike, map_location: str = "cpu") ->
             f"nor a transformers SegFormer config (model_type={config.get('model_type')!r})"
         )
     meta = config[FORMAT_KEY]
+    if not isinstance(meta, dict) or not isinstance(meta.get("build"), dict) or "name" not in meta["build"]:
+        raise ValueError(
+            f"{directory / CONFIG_NAME}: the {FORMAT_KEY!r} entry lacks 'kind'/'build.name'; "
+            "the file is damaged or was not written by save_pretrained"
+        )
     build = dict(meta["build"])
     name = build.pop("name")
     if meta["kind"] == "segmenter":
@@ -126,7 +167,7 @@ def from_pretrained(path_or_id: str | os.PathLike, map_location: str = "cpu") ->
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found")
-    state = load_file(str(weights), device=map_location)
+    state = _load_safetensors(weights, device=map_location)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -137,14 +178,39 @@ def from_pretrained(path_or_id: str | os.PathLike, map_location: str = "cpu") ->
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state dict from ``.safetensors`` or a torch file, without unpickling objects."""
+    """Load a state dict from ``.safetensors`` or a torch file, without unpickling objects.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: One line naming the file: truncated/corrupt, or a pickle holding Python objects
+            (never loaded; the message says how to convert a trusted one to safetensors).
+    """
+    import pickle
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return _load_safetensors(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        out = path.with_suffix(".safetensors")
+        raise ValueError(
+            f"{path} is a pickle holding Python objects, not only tensors; hybridvision does not unpickle "
+            'files (that can run arbitrary code). If you trust it, convert it once: python -c "import '
+            "torch; from safetensors.torch import save_file; s = torch.load('"
+            f"{path}', weights_only=False); s = s.get('state_dict', s) if isinstance(s, dict) else "
+            f"s.state_dict(); save_file({{k: v.contiguous() for k, v in s.items()}}, '{out}')\" and use {out}"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(
+            f"{path} ({path.stat().st_size} bytes) cannot be read as a torch weights file ({err}); "
+            "it is truncated or corrupt: copy it again"
+        ) from err
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict (name -> tensor)")
     return state

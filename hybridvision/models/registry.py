@@ -35,7 +35,7 @@ class UnknownModelError(KeyError):
     """Raised for a model, decoder or segmenter name that is not registered."""
 
     def __init__(self, kind: str, name: str, valid: list[str]):
-        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5) if isinstance(name, str) else []
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         self.message = f"unknown {kind} {name!r}.{hint} Valid names: {', '.join(sorted(valid))}"
         super().__init__(self.message)

@@ -128,7 +128,11 @@ def build_segmenter(
         model = create_segmenter(name, num_classes, in_chans, decoder, decoder_kwargs, **overrides)
         loader = getattr(model.encoder, "load_pretrained_weights", None)
         if loader is None:
-            raise ValueError(f"encoder of {name!r} cannot convert external weight files ({init})")
+            raise ValueError(
+                f"model.init={init} is a weights file, but the encoder of {name!r} cannot convert external "
+                "weight files (only the timm/torchvision families can); for hybridvision models set "
+                "model.init to a directory written by save_pretrained (model.safetensors + config.json)"
+            )
         loader(str(path))
         report.source = f"{init} (external weights converted into the encoder)"
         report.loaded = [f"encoder.{n}" for n in model.encoder.state_dict()]
