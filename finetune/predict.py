@@ -1,11 +1,19 @@
-"""Predict segmentation masks for images with a fine-tuned model.
+"""Predict segmentation masks for images with a fine-tuned model (PyTorch) or an exported one (ONNX).
 
     python finetune/predict.py --model runs/finetune/model --input image_or_folder --output out/
+    python finetune/predict.py --model runs/distill/model.onnx --input images/ --output out/
 
 Writes, per input image, ``<id>_mask.png`` (class indices at the image's original size; 8-bit,
 or 16-bit when there are more than 255 classes) and ``<id>_overlay.png`` (coloured classes over
-the image). Images of any size are handled by the sliding window (default window: the training
-crop size recorded in the model's config).
+the image). ``<id>`` is the image's path relative to ``--input`` without its extension; where two
+inputs would share it (``x.png`` and ``x.jpg``) both keep their extension (``x_png``, ``x_jpg``).
+Images of any size are handled by the sliding window (default window: the training crop size
+recorded in the model). A ``.onnx`` model runs on onnxruntime without PyTorch
+(``hybridvision.deploy.runtime``), normalised as recorded in its metadata.
+
+Exit status: 0 when every image was written; 1 when some images could not be read (each is
+reported, the others are still written, the list is printed at the end); 2 for a user error (one
+line naming the file or value; ``HYBRIDVISION_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -18,20 +26,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
-from hybridvision.data.io import IMAGE_EXTENSIONS, list_files, read_image  # noqa: E402
-from hybridvision.data.transforms import build_seg_transforms  # noqa: E402
-from hybridvision.inference import Predictor  # noqa: E402
-from hybridvision.models import Segmenter, from_pretrained  # noqa: E402
-from hybridvision.visualize import overlay  # noqa: E402
+from hybridvision.deploy.runtime import (  # noqa: E402
+    OnnxPredictor,
+    UserError,
+    check_predict_options,
+    normalization_spec,
+    report_result,
+    resolve_inputs,
+    run_over_files,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model directory written by finetune/run.py (or a hub id)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory written by finetune/run.py (or a hub id), or a .onnx file",
+    )
     p.add_argument(
         "--input", required=True, help="an image file or a folder of images (searched recursively)"
     )
@@ -45,36 +58,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tta", nargs="*", default=[], choices=["h", "v", "hv"], help="flip test-time augmentation"
     )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--device", default=None, help="PyTorch device (default: cuda if available, else cpu)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (PyTorch models)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (.onnx models)")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    model = from_pretrained(args.model)
+def _load_torch_model(spec: str):
+    """The segmenter at ``spec`` (directory or hub id); every failure is a one-line UserError."""
+    from hybridvision.models import Segmenter, from_pretrained
+
+    path = Path(spec)
+    if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") != 1):
+        raise UserError(
+            f"--model {spec} does not exist (give a model directory, a hub id owner/name or a .onnx file)"
+        )
+    try:
+        model = from_pretrained(spec)
+    except (ValueError, OSError) as exc:  # hub.py's messages already name the file and the fix
+        raise UserError(str(exc).strip().splitlines()[0]) from exc
+    except Exception as exc:  # anything else from safetensors / the hub client: still one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load the model from {spec}: {reason}; copy or export it again") from exc
     if not isinstance(model, Segmenter):
-        sys.stderr.write(f"error: {args.model} holds an encoder, not a segmentation model\n")
-        return 2
+        raise UserError(f"--model {spec} holds an encoder, not a segmentation model")
+    return model
+
+
+def _torch_predictor(args: argparse.Namespace):
+    """(read, predict, num_classes, ignore_index) for a PyTorch model directory."""
+    import torch
+
+    from hybridvision.data.io import apply_transform, read_image
+    from hybridvision.data.transforms import build_seg_transforms
+    from hybridvision.inference import Predictor
+
+    model = _load_torch_model(args.model)
     run = model.pretrained_config.get("extra", {}).get("run_config", {})
     data = run.get("data", {})
     in_chans = model.build_kwargs["in_chans"]
-    num_classes = model.num_classes
     ignore = data.get("ignore_index", 255)
     window = tuple(args.window or data.get("image_size") or (256, 256))
+    spec = normalization_spec(data, in_chans)
+    normalize = (spec["mean"], spec["std"]) if spec["kind"] == "mean_std" else spec["kind"]
     tf = build_seg_transforms(
-        False,
-        None,
-        in_chans=in_chans,
-        normalize=data.get("normalize", "imagenet"),
-        window=tuple(data["window"]) if data.get("window") else None,
-        ignore_index=ignore,
+        False, None, in_chans=in_chans, normalize=normalize, window=spec["window"], ignore_index=ignore
     )
-    model.to(args.device).eval()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model.to(device).eval()
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"--device {device}: {str(exc).splitlines()[0]}") from exc
     predictor = Predictor(
         model,
         mode=args.mode,
-        num_classes=num_classes,
+        num_classes=model.num_classes,
         window=window if args.mode == "slide" else None,
         overlap=args.overlap,
         blend="gaussian",
@@ -82,36 +120,67 @@ def main(argv: list[str] | None = None) -> int:
         tta_flips=args.tta,
         output="logits",
     )
-    src = Path(args.input)
-    if src.is_dir():
-        files = list_files(src, IMAGE_EXTENSIONS)
-    elif src.is_file():
-        files = [src]
-    else:
-        sys.stderr.write(f"error: --input {src} does not exist\n")
-        return 2
-    if not files:
-        sys.stderr.write(f"error: no image found under {src}\n")
-        return 2
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in tqdm(files, desc="predict", dynamic_ncols=True):
-        image = read_image(path, in_chans)  # (C, H, W) at the original size
-        x = tf({"image": image})["image"] if tf is not None else image
+
+    def read(path: Path) -> np.ndarray:
+        return read_image(path, in_chans).numpy()  # (C, H, W) at the original size
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        # apply_transform wraps the image as a tv_tensors.Image: Window and PerImageNormalize only
+        # transform those (a plain tensor passed through them unchanged before)
+        x = apply_transform({"image": torch.from_numpy(image)}, tf)["image"]
         with (
             torch.no_grad(),
-            torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16),
+            torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=args.bf16),
         ):
-            labels = predictor.predict_labels(torch.as_tensor(x)[None].to(args.device))[0].cpu()
-        stem = path.relative_to(src).with_suffix("") if src.is_dir() else Path(path.stem)
-        target = out / stem
-        target.parent.mkdir(parents=True, exist_ok=True)
-        dtype = np.uint8 if num_classes <= 255 else np.uint16
-        Image.fromarray(labels.numpy().astype(dtype)).save(f"{target}_mask.png")
-        vis = (overlay(image, labels, ignore_index=ignore) * 255).round().byte().permute(1, 2, 0).numpy()
-        Image.fromarray(vis).save(f"{target}_overlay.png")
-    print(f"wrote {len(files)} masks and overlays to {out}{os.sep}")
-    return 0
+            return predictor.predict_labels(torch.as_tensor(x)[None].to(device))[0].cpu().numpy()
+
+    return read, predict, model.num_classes, ignore
+
+
+def run(args: argparse.Namespace) -> int:
+    check_predict_options(args.mode, args.window, args.overlap, args.batch_size, args.tta)
+    files, root = resolve_inputs(Path(args.input))  # before loading the model: fail fast
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; give a folder")
+    if args.model.lower().endswith(".onnx"):
+        predictor = OnnxPredictor(
+            args.model,
+            args.mode,
+            args.window,
+            args.overlap,
+            "gaussian",
+            args.batch_size,
+            args.tta,
+            args.threads,
+        )
+        result = predictor.predict_files(files, root, out)
+    else:
+        from tqdm.auto import tqdm
+
+        read, predict, num_classes, ignore = _torch_predictor(args)
+        result = run_over_files(
+            files,
+            root,
+            out,
+            read,
+            predict,
+            num_classes,
+            ignore,
+            progress=lambda it: tqdm(it, desc="predict", dynamic_ncols=True),
+        )
+    return report_result(result, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        if os.environ.get("HYBRIDVISION_DEBUG") == "1":
+            raise
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
 
 
 if __name__ == "__main__":

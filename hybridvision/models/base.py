@@ -12,14 +12,22 @@ timm ``forward_intermediates``).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Encoder", "Segmenter", "pad_to_multiple", "mask_to", "apply_token_mask"]
+__all__ = ["Encoder", "Segmenter", "pad_to_multiple", "mask_to", "apply_token_mask", "is_tracing"]
+
+
+def is_tracing() -> bool:
+    """True while ``torch.jit.trace`` (the TorchScript ONNX exporter) or ``torch.export`` runs the model.
+
+    Shape logic then computes sizes from tensor shapes instead of Python ints and never branches on
+    them, so the exported graph accepts any input size; eager runs keep their fast paths.
+    """
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 def pad_to_multiple(x: Tensor, multiple: int, value: float = 0.0) -> Tensor:
@@ -27,7 +35,9 @@ def pad_to_multiple(x: Tensor, multiple: int, value: float = 0.0) -> Tensor:
     h, w = x.shape[-2:]
     ph = (multiple - h % multiple) % multiple
     pw = (multiple - w % multiple) % multiple
-    if ph == 0 and pw == 0:
+    # Under ONNX tracing, h and w are traced 0-d tensors: always emit the (possibly empty) pad so the
+    # graph keeps padding sizes that are not multiples of ``multiple``.
+    if not is_tracing() and ph == 0 and pw == 0:
         return x
     return F.pad(x, (0, pw, 0, ph), value=value)
 
@@ -142,8 +152,9 @@ class Segmenter(nn.Module):
             logits = self.decoder(feats, pad_to_multiple(x, self.encoder.size_divisor))
         else:
             logits = self.decoder(feats)
-        hp = math.ceil(h / self.encoder.size_divisor) * self.encoder.size_divisor
-        wp = math.ceil(w / self.encoder.size_divisor) * self.encoder.size_divisor
+        d = self.encoder.size_divisor
+        # integer ceil: under ONNX tracing h, w are traced tensors and stay so (no baked-in sizes)
+        hp, wp = (h + d - 1) // d * d, (w + d - 1) // d * d
         if tuple(logits.shape[-2:]) != (hp, wp):
             logits = F.interpolate(logits, size=(hp, wp), mode="bilinear", align_corners=False)
         return logits[..., :h, :w]

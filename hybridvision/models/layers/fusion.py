@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..base import is_tracing
 from .common import ConvNormAct
 
 __all__ = [
@@ -24,6 +25,24 @@ __all__ = [
     "FUSIONS",
     "create_fusion",
 ]
+
+
+def _adaptive_avg_pool2d_traced(x: Tensor, out_h: Tensor, out_w: Tensor) -> Tensor:
+    """``F.adaptive_avg_pool2d`` with traced (0-d tensor) output sizes, for ONNX export.
+
+    ONNX has no adaptive pooling; the same bins (``floor(i L / P)`` to ``ceil((i + 1) L / P)``) are
+    applied as two averaging matrices. Args: x (B, C, H, W). Returns (B, C, out_h, out_w).
+    """
+
+    def bins(length: Tensor, out: Tensor) -> Tensor:  # (out, length) averaging matrix
+        i = torch.arange(out, device=x.device)[:, None]
+        j = torch.arange(length, device=x.device)[None, :]
+        start, end = i * length // out, ((i + 1) * length + out - 1) // out
+        inside = ((j >= start) & (j < end)).to(x.dtype)
+        return inside / inside.sum(dim=1, keepdim=True)
+
+    rows, cols = bins(x.shape[-2], out_h), bins(x.shape[-1], out_w)
+    return rows @ x @ cols.transpose(0, 1)  # (B, C, out_h, out_w)
 
 
 def _check_same_size(cnn: Tensor, transformer: Tensor) -> None:
@@ -85,7 +104,15 @@ class CrossAttentionFusion(nn.Module):
         """(B, N, C) normed tokens on an (H, W) grid -> keys, values (B, heads, M, C/heads)."""
         b, _, c = tokens.shape
         h, w = size
-        if self.kv_pool_size is not None and (h > self.kv_pool_size or w > self.kv_pool_size):
+        if self.kv_pool_size is not None and is_tracing():  # sizes are traced: pool unconditionally
+            grid = tokens.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
+            pooled = _adaptive_avg_pool2d_traced(
+                grid,
+                torch.as_tensor(h).clamp(max=self.kv_pool_size),
+                torch.as_tensor(w).clamp(max=self.kv_pool_size),
+            )
+            tokens = pooled.flatten(2).transpose(1, 2)  # (B, M, C)
+        elif self.kv_pool_size is not None and (h > self.kv_pool_size or w > self.kv_pool_size):
             grid = tokens.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
             out_size = (min(h, self.kv_pool_size), min(w, self.kv_pool_size))
             tokens = F.adaptive_avg_pool2d(grid, out_size).flatten(2).transpose(1, 2)  # (B, M, C)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..base import is_tracing
+
 __all__ = ["interpolate_pos_embed", "sincos_2d_pos_embed"]
 
 
@@ -13,6 +15,8 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
     height, width = size
+    if is_tracing():  # traced sizes (ONNX export) must stay tensors, not become constants
+        return height, width
     return int(height), int(width)
 
 
@@ -43,13 +47,14 @@ def interpolate_pos_embed(
     """
     old_h, old_w = _pair(old_grid)
     new_h, new_w = _pair(new_grid)
-    if pos_embed.ndim != 3 or pos_embed.shape[1] != num_prefix_tokens + old_h * old_w:
+    tracing = is_tracing()
+    if not tracing and (pos_embed.ndim != 3 or pos_embed.shape[1] != num_prefix_tokens + old_h * old_w):
         raise ValueError(
             f"pos_embed of shape {tuple(pos_embed.shape)} does not hold {num_prefix_tokens} prefix tokens "
             f"plus a {old_h}x{old_w} grid"
         )
-    if (old_h, old_w) == (new_h, new_w):
-        return pos_embed
+    if not tracing and (old_h, old_w) == (new_h, new_w):
+        return pos_embed  # traced: always resample (an exact identity at the same size)
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     dim = grid.shape[-1]
     grid = grid.float().reshape(-1, old_h, old_w, dim).permute(0, 3, 1, 2)  # (1, C, old_h, old_w)

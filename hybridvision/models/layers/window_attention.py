@@ -15,6 +15,11 @@ Where a map is no larger than the window along a dimension, the window shrinks t
 that dimension is not shifted (as the official classification models do at 7x7); the smaller
 window reads its biases from the centre of the same relative-position table, so no resizing is
 needed.
+
+Under ONNX tracing (``base.is_tracing()``) the window, shift, padding and mask are computed from
+the traced map size with tensor ops (``min``, ``where``, a gather instead of ``torch.roll``, the
+mask rebuilt in the graph), so one exported graph handles every input size, including sizes where
+a window shrinks or a shift switches off; the values are those of the eager path.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..base import is_tracing
 from .common import DropPath, Mlp
 
 __all__ = [
@@ -99,6 +105,18 @@ def relative_position_index(window: tuple[int, int], device: torch.device | None
     return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
 
 
+def _roll(x: Tensor, shifts: tuple, dims: tuple[int, int]) -> Tensor:
+    """``torch.roll`` whose shifts may be traced 0-d tensors (ONNX export): a gather per dim."""
+    if not is_tracing():
+        return torch.roll(x, shifts=shifts, dims=dims)
+    for shift, dim in zip(shifts, dims):
+        length = x.shape[dim]
+        # roll by s: out[i] = x[(i - s) mod L]; the shift lies in (-L, L), so i - s + L >= 0
+        index = (torch.arange(length, device=x.device) - shift + length) % length
+        x = x.index_select(dim, index)
+    return x
+
+
 def _region_ids(length: int, window: int, shift: int, device: torch.device | None) -> Tensor:
     """Region of each position along one padded dim after a cyclic shift by ``shift``: 0, 1 or 2."""
     pos = torch.arange(length, device=device)
@@ -170,6 +188,7 @@ class WindowAttention(nn.Module):
         self.register_buffer(
             "relative_position_index", relative_position_index(self.window_size), persistent=False
         )
+        self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
@@ -178,7 +197,8 @@ class WindowAttention(nn.Module):
     def relative_position_bias(self, window: tuple[int, int]) -> Tensor:
         """Bias for a window no larger than ``window_size``: (heads, N, N), N = wh * ww."""
         index = self.relative_position_index  # (N_max, N_max)
-        if window != self.window_size:  # a smaller window uses the centre of the same table
+        # a smaller window uses the centre of the same table (traced: always, the window is dynamic)
+        if is_tracing() or tuple(window) != self.window_size:
             rows = torch.arange(window[0], device=index.device)
             cols = torch.arange(window[1], device=index.device)
             tokens = (rows[:, None] * self.window_size[1] + cols).flatten()  # sub-window ids in the full one
@@ -207,18 +227,22 @@ class WindowAttention(nn.Module):
         n, d = wh * ww, c // heads
         qkv = self.qkv(x).view(b, nh, wh, nw, ww, 3, heads, d)
         qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7)  # (3, B, nh, nw, heads, wh, ww, d)
-        q, k, v = qkv.reshape(3, b, nh * nw * heads, n, d).unbind(0)  # each (B, nW * heads, N, d)
+        # one copy partitions the windows and splits the heads; the scale rides on that copy
+        q, k, v = qkv.reshape(3, b * nh * nw, heads, n, d).unbind(0)  # each (B * nW, heads, N, d)
         bias = self.relative_position_bias((wh, ww))  # (heads, N, N)
+        # explicit attention, as timm's default Swin path: on CPU, SDPA with a float mask that needs a
+        # gradient takes its math fallback, which adds a masked-row guard (isneginf / all / where) and
+        # scales q and k separately; this is the same arithmetic without them
+        attn = torch.matmul(q * self.scale, k.transpose(-2, -1))  # (B * nW, heads, N, N)
         if shift_mask is None:
-            # windows become batch entries: (B * nW, heads, N, d), the bias broadcasts over them
-            q, k, v = (t.view(b * nh * nw, heads, n, d) for t in (q, k, v))
-            attn_mask = bias.unsqueeze(0)  # (1, heads, N, N)
-        else:
-            # windows stay with the heads: (B, nW * heads, N, d), the mask broadcasts over the batch
-            attn_mask = (shift_mask.unsqueeze(1) + bias.unsqueeze(0)).reshape(1, nh * nw * heads, n, n)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0
-        )
+            attn = attn + bias
+        else:  # (B, nW, heads, N, N) + (nW, heads, N, N): the mask broadcasts over the batch
+            mask = shift_mask.unsqueeze(1) + bias
+            attn = (attn.view(b, nh * nw, heads, n, n) + mask).view(b * nh * nw, heads, n, n)
+        attn = attn.softmax(dim=-1)
+        if self.training and self.attn_drop > 0:
+            attn = F.dropout(attn, self.attn_drop)
+        out = torch.matmul(attn, v)  # (B * nW, heads, N, d)
         out = out.view(b, nh, nw, heads, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, h, w, c)
         return self.proj_drop(self.proj(out))
 
@@ -281,16 +305,17 @@ class SwinTransformerBlock(nn.Module):
         """
         _, h, w, _ = x.shape
         y = self.norm1(x)
-        pad_h, pad_w = (-h) % window[0], (-w) % window[1]
-        if pad_h or pad_w:
+        tracing = is_tracing()  # sizes are traced tensors: pad, shift and crop unconditionally
+        pad_h, pad_w = (window[0] - h % window[0]) % window[0], (window[1] - w % window[1]) % window[1]
+        if tracing or pad_h or pad_w:
             y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
-        if shift[0] or shift[1]:
-            y = torch.roll(y, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        if shift_mask is not None if tracing else (shift[0] or shift[1]):
+            y = _roll(y, (-shift[0], -shift[1]), (1, 2))
             y = self.attn(y, window, shift_mask)
-            y = torch.roll(y, shifts=shift, dims=(1, 2))
+            y = _roll(y, (shift[0], shift[1]), (1, 2))
         else:
             y = self.attn(y, window)
-        if pad_h or pad_w:
+        if tracing or pad_h or pad_w:
             y = y[:, :h, :w]
         x = x + self.drop_path1(y)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
@@ -356,8 +381,18 @@ class SwinBlockStack(nn.ModuleList):
     def geometry(
         self, height: int, width: int, device: torch.device
     ) -> tuple[tuple[int, int], tuple[int, int], Tensor | None]:
-        """Window, shift of the SW-MSA blocks and their (nW, N, N) mask for an H x W map."""
+        """Window, shift of the SW-MSA blocks and their (nW, N, N) mask for an H x W map.
+
+        Under tracing ``height`` and ``width`` are 0-d tensors; window and shift are then computed
+        as tensors and the mask is always built (all zeros where nothing is shifted), never cached.
+        """
         ws = self.window_size
+        if is_tracing():
+            sizes = (torch.as_tensor(height), torch.as_tensor(width))
+            window = tuple(s.clamp(max=ws) for s in sizes)
+            shift = tuple((s > ws).long() * (ws // 2) for s in sizes)
+            hp, wp = ((s + win - 1) // win * win for s, win in zip(sizes, window))
+            return window, shift, shifted_window_mask(hp, wp, window, shift, device)
         window = (min(ws, height), min(ws, width))
         shift = (ws // 2 if height > ws else 0, ws // 2 if width > ws else 0)
         if shift == (0, 0):

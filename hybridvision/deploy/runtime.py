@@ -1,0 +1,677 @@
+"""PyTorch-free segmentation with an exported ONNX model: numpy, Pillow and onnxruntime only.
+
+The edge-device counterpart of ``finetune/predict.py`` + :mod:`hybridvision.inference`: it reads
+images of any size and channel count (the rules of :func:`hybridvision.data.io.read_image`),
+normalises them as recorded in the model's metadata (written by
+:func:`hybridvision.export.export_onnx`), runs whole-image or sliding-window inference with the
+same window placement and blending (uniform or Gaussian, scores averaged in probability space for
+K >= 2 and in logit space for K = 1, optional flip TTA) and writes ``<id>_mask.png`` /
+``<id>_overlay.png``::
+
+    python -m hybridvision.deploy.runtime --model model.onnx --input images/ --output out/
+
+Nothing here imports ``torch`` (a test runs this module with ``torch`` made unimportable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "METADATA_KEY",
+    "OnnxSegmenter",
+    "OnnxPredictor",
+    "UserError",
+    "colorize",
+    "gaussian_window",
+    "list_images",
+    "normalization_spec",
+    "normalize_image",
+    "output_stems",
+    "overlay",
+    "predict_sliding_window",
+    "predict_whole",
+    "read_image",
+    "read_metadata",
+    "save_mask",
+    "window_starts",
+]
+
+#: ``metadata_props`` key of the ONNX model holding the deployment metadata as JSON
+METADATA_KEY = "hybridvision"
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as PIL's RGB -> L
+_FLIP_AXES = {"h": (-1,), "v": (-2,), "hv": (-2, -1)}
+
+
+class UserError(Exception):
+    """A problem with the user's input (file, value, model); the message is one line naming it."""
+
+
+# --------------------------------------------------------------------------- images
+
+
+def read_image(path: str | os.PathLike, in_chans: int = 3) -> np.ndarray:
+    """Read an image as float32 (C, H, W), with the rules of ``hybridvision.data.io.read_image``.
+
+    uint8 / uint16 data are scaled to [0, 1], other types kept as stored; an alpha channel is
+    dropped when that makes the channel count match, gray is repeated to 3 channels, RGB becomes
+    1 channel by ITU-R 601-2 luma. TIFF files use ``tifffile`` when installed.
+
+    Args:
+        path: image file.
+        in_chans: channels wanted.
+
+    Returns:
+        (in_chans, H, W) float32.
+
+    Raises:
+        OSError: unreadable, truncated or missing file.
+        ValueError: channel count that cannot be converted to ``in_chans``.
+    """
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff") and _has_tifffile():
+        array, has_alpha = _read_tiff(path)
+    else:
+        with Image.open(path) as img:
+            img.load()  # decode now, so truncated files raise here
+            array, has_alpha = _pil_to_array(img)
+    return _convert_channels(array, has_alpha, in_chans, str(path))
+
+
+def _has_tifffile() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tifffile") is not None
+
+
+def _scale(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535.0
+    return array.astype(np.float32)
+
+
+def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, bool]:
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    elif mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("L" if mode == "1" else "RGB")
+    mode = img.mode
+    array = np.asarray(img)
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N") or (mode == "I" and img.format == "PNG"):
+        array = array.astype(np.float32) / 65535.0
+    else:
+        array = _scale(array)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return array, mode in ("LA", "La", "RGBA", "RGBa")
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, bool]:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        axes, array = series.axes, np.asarray(series.asarray())
+        extra = tuple(getattr(tif.pages[0], "extrasamples", ()) or ())
+    if axes == "YX":
+        array = array[:, :, None]
+    elif len(axes) == 3 and axes[1:] == "YX":
+        array = np.moveaxis(array, 0, -1)
+    elif not (len(axes) == 3 and axes[:2] == "YX"):
+        raise ValueError(
+            f"image {path} has TIFF axes {axes!r}; expected one 2-D image with at most one band axis"
+        )
+    return _scale(array), bool(extra) and int(extra[-1]) in (1, 2)
+
+
+def _convert_channels(array: np.ndarray, has_alpha: bool, in_chans: int, name: str) -> np.ndarray:
+    channels = array.shape[-1]
+    if channels != in_chans and has_alpha:
+        array, channels = array[..., :-1], channels - 1
+    if channels != in_chans:
+        if channels == 1 and in_chans == 3:
+            array = np.repeat(array, 3, axis=-1)
+        elif channels == 3 and in_chans == 1:
+            array = (array @ _LUMA)[..., None]
+        else:
+            raise ValueError(
+                f"image {name} has {channels} channel(s) but the model expects in_chans={in_chans}; only "
+                "gray->3, RGB->1 and dropping an alpha channel are converted automatically"
+            )
+    return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)  # (C, H, W)
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursive, case-insensitive suffixes), sorted."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def normalization_spec(data_cfg: dict[str, Any] | None, in_chans: int) -> dict[str, Any]:
+    """The input normalisation a run used, as plain data (what the ONNX metadata records).
+
+    Mirrors ``build_seg_transforms``: ``data.window`` first, then explicit ``data.mean``/``data.std``
+    when set, else ``data.normalize`` (``imagenet`` for 1 or 3 channels, ``per_image``, ``none``).
+
+    Args:
+        data_cfg: the run config's ``data`` section as a dict (None: ImageNet defaults).
+        in_chans: model input channels.
+
+    Returns:
+        ``{"kind": "mean_std" | "per_image" | "none", "mean": [...], "std": [...], "window": [c, w] | None}``.
+    """
+    data = data_cfg or {}
+    window = data.get("window")
+    spec: dict[str, Any] = {"window": [float(v) for v in window] if window else None}
+    mean, std = data.get("mean") or [], data.get("std") or []
+    kind = data.get("normalize", "imagenet")
+    if not isinstance(kind, str):  # an explicit (mean, std) pair, as build_seg_transforms accepts
+        mean, std = kind
+        kind = "mean_std"
+    if mean or std:
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise UserError(
+                f"data.mean/data.std have {len(mean)}/{len(std)} values but in_chans={in_chans}; give one per channel"
+            )
+        return {**spec, "kind": "mean_std", "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    if kind == "imagenet":
+        if in_chans == 3:
+            return {**spec, "kind": "mean_std", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+        if in_chans == 1:  # channel average, as build_seg_transforms
+            return {
+                **spec,
+                "kind": "mean_std",
+                "mean": [sum(IMAGENET_MEAN) / 3],
+                "std": [sum(IMAGENET_STD) / 3],
+            }
+        raise UserError(
+            f"data.normalize='imagenet' needs in_chans 1 or 3, got {in_chans}; set data.mean/data.std"
+        )
+    if kind in ("per_image", "none"):
+        return {**spec, "kind": kind}
+    raise UserError(f"data.normalize must be imagenet, per_image or none, got {kind!r}")
+
+
+def normalize_image(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Apply a :func:`normalization_spec` to one image (C, H, W) float32; returns (C, H, W) float32."""
+    x = image.astype(np.float32, copy=False)
+    if spec.get("window"):
+        center, width = spec["window"]
+        low = np.float32(center - width / 2.0)
+        x = np.clip((x - low) / np.float32(width), 0.0, 1.0)
+    kind = spec["kind"]
+    if kind == "mean_std":
+        mean = np.asarray(spec["mean"], dtype=np.float32)[:, None, None]
+        std = np.asarray(spec["std"], dtype=np.float32)[:, None, None]
+        x = (x - mean) / std
+    elif kind == "per_image":
+        mean = x.mean(axis=(-2, -1), keepdims=True, dtype=np.float64).astype(np.float32)
+        std = x.std(axis=(-2, -1), keepdims=True, dtype=np.float64).astype(np.float32)
+        x = (x - mean) / (std + np.float32(1e-6))
+    elif kind != "none":
+        raise UserError(f"unknown normalisation kind {kind!r} in the model metadata")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def read_metadata(model: str | os.PathLike | Any) -> dict[str, Any]:
+    """The deployment metadata of an exported model (path, ``onnx.ModelProto`` or ORT session)."""
+    if isinstance(model, (str, os.PathLike)):
+        model = _session(Path(model), threads=1)
+    props = (
+        model.get_modelmeta().custom_metadata_map
+        if hasattr(model, "get_modelmeta")
+        else {p.key: p.value for p in model.metadata_props}
+    )
+    if METADATA_KEY not in props:
+        raise UserError("the ONNX model has no hybridvision metadata: export it with distill/export.py")
+    return json.loads(props[METADATA_KEY])
+
+
+def _session(path: Path, threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise UserError(f"ONNX model {path} not found")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own types for corrupt/truncated files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load ONNX model {path} ({first}); export it again") from exc
+
+
+class OnnxSegmenter:
+    """An exported segmenter as a callable ``(N, C, H, W) float32 -> logits (N, K, H, W)``.
+
+    Args:
+        path: ``model.onnx`` written by ``export_onnx``.
+        threads: onnxruntime intra-op threads (None: onnxruntime's default).
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.session = _session(self.path, threads)
+        self.metadata = read_metadata(self.session)
+        self.input_name = self.session.get_inputs()[0].name
+        self.in_chans = int(self.metadata["in_chans"])
+        self.num_classes = int(self.metadata["num_classes"])
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        if images.ndim != 4 or images.shape[1] != self.in_chans:
+            raise ValueError(f"expected (N, {self.in_chans}, H, W) images, got shape {images.shape}")
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0]
+
+
+# --------------------------------------------------------------------------- inference (numpy port)
+
+
+def _softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, K, h, w) -> (N, K, H, W), bilinear, half-pixel centres (``align_corners=False``)."""
+    out = x
+    for axis, new in ((-2, size[0]), (-1, size[1])):
+        old = out.shape[axis]
+        if old == new:
+            continue
+        src = np.clip((np.arange(new) + 0.5) * (old / new) - 0.5, 0, None)
+        lo = np.minimum(np.floor(src).astype(np.int64), old - 1)
+        hi = np.minimum(lo + 1, old - 1)
+        frac = (src - lo).astype(np.float32)
+        shape = [1] * out.ndim
+        shape[axis] = new
+        frac = frac.reshape(shape)
+        out = np.take(out, lo, axis=axis) * (1 - frac) + np.take(out, hi, axis=axis) * frac
+    return out
+
+
+def _scores(model: Callable, images: np.ndarray, tta_flips: Sequence[str]) -> np.ndarray:
+    """Scores averaged over the identity and each flip: probabilities (K >= 2) or logits (K = 1)."""
+    total = None
+    views = [()] + [_FLIP_AXES[f] for f in tta_flips]
+    for axes in views:
+        x = np.flip(images, axes) if axes else images
+        logits = np.asarray(model(np.ascontiguousarray(x)), dtype=np.float32)
+        if logits.shape[-2:] != images.shape[-2:]:
+            logits = _resize_bilinear(logits, images.shape[-2:])
+        scores = logits if logits.shape[1] == 1 else _softmax(logits)
+        scores = np.flip(scores, axes) if axes else scores
+        total = scores if total is None else total + scores
+    return total / len(views)
+
+
+def predict_whole(model: Callable, images: np.ndarray, tta_flips: Sequence[str] = ()) -> np.ndarray:
+    """Scores (B, K, H, W) of whole images (B, C, H, W): probabilities, or logits for K = 1."""
+    return _scores(model, images, tta_flips)
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Evenly spaced window offsets covering ``[0, size)``, the last flush with the border (nnU-Net)."""
+    if size <= window:
+        return [0]
+    steps = math.ceil((size - window) / stride) + 1
+    return [round(i * (size - window) / (steps - 1)) for i in range(steps)]
+
+
+def gaussian_window(size: tuple[int, int], sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian importance map (h, w) float32, maximum 1, strictly positive (nnU-Net)."""
+    axes = []
+    for n in size:
+        coords = np.arange(n, dtype=np.float64) - (n - 1) / 2
+        sigma = max(n * sigma_scale, 1e-6)
+        axes.append(np.exp(-0.5 * (coords / sigma) ** 2))
+    weights = axes[0][:, None] * axes[1][None, :]
+    weights = weights / weights.max()
+    return np.maximum(weights, max(weights[weights > 0].min(), 1e-6)).astype(np.float32)
+
+
+def predict_sliding_window(
+    model: Callable,
+    image: np.ndarray,
+    window: tuple[int, int],
+    overlap: float = 0.25,
+    blend: str = "gaussian",
+    batch_size: int = 8,
+    tta_flips: Sequence[str] = (),
+    pad_value: float = 0.0,
+) -> np.ndarray:
+    """Sliding-window scores, as ``hybridvision.inference.predict_sliding_window``.
+
+    Args:
+        model: callable (N, C, h, w) -> logits (N, K, h', w').
+        image: (B, C, H, W) float32.
+        window: (h, w) window.
+        overlap: fraction of the window shared by neighbours, in [0, 1).
+        blend: ``"uniform"`` or ``"gaussian"``.
+        batch_size: windows per forward pass.
+        tta_flips: flipped views averaged per window.
+        pad_value: padding of images smaller than the window.
+
+    Returns:
+        (B, K, H, W) float32: probabilities (K >= 2) or logits (K = 1).
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise UserError(f"overlap must be in [0, 1), got {overlap}")
+    wh, ww = window
+    b, _, h, w = image.shape
+    padded = np.pad(
+        image, ((0, 0), (0, 0), (0, max(wh - h, 0)), (0, max(ww - w, 0))), constant_values=pad_value
+    )
+    ph, pw = padded.shape[-2:]
+    ys = window_starts(ph, wh, max(1, int(wh * (1 - overlap))))
+    xs = window_starts(pw, ww, max(1, int(ww * (1 - overlap))))
+    tiles = [(i, y, x) for i in range(b) for y, x in itertools.product(ys, xs)]
+    weight = gaussian_window((wh, ww)) if blend == "gaussian" else np.ones((wh, ww), np.float32)
+    norm = np.zeros((ph, pw), np.float32)
+    for y, x in itertools.product(ys, xs):
+        norm[y : y + wh, x : x + ww] += weight
+    scores = None
+    for start in range(0, len(tiles), batch_size):
+        chunk = tiles[start : start + batch_size]
+        crops = np.stack([padded[i, :, y : y + wh, x : x + ww] for i, y, x in chunk])  # (n, C, wh, ww)
+        out = _scores(model, crops, tta_flips)  # (n, K, wh, ww)
+        if scores is None:
+            scores = np.zeros((b, out.shape[1], ph, pw), np.float32)
+        for (i, y, x), tile in zip(chunk, out):
+            scores[i, :, y : y + wh, x : x + ww] += tile * weight
+    return (scores / norm)[..., :h, :w]
+
+
+def labels_from_scores(scores: np.ndarray) -> np.ndarray:
+    """Hard labels (B, H, W) int64: argmax for K >= 2, logit > 0 for K = 1."""
+    return (scores[:, 0] > 0).astype(np.int64) if scores.shape[1] == 1 else scores.argmax(axis=1)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _palette(num_colors: int = 256) -> np.ndarray:
+    out = np.zeros((num_colors, 3), np.uint8)
+    for i in range(num_colors):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
+    return out
+
+
+_PALETTE = _palette()
+
+
+def colorize(mask: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """Class-index mask (H, W) -> RGB (3, H, W) float32 in [0, 1]; ignored pixels are white."""
+    rgb = _PALETTE[np.clip(mask, 0, 255)].transpose(2, 0, 1).astype(np.float32) / 255.0
+    rgb[:, mask == ignore_index] = 1.0
+    return rgb
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, ignore_index: int = 255) -> np.ndarray:
+    """Coloured mask blended over a (C, H, W) image (min-max scaled): (H, W, 3) uint8."""
+    x = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
+    lo, hi = x.min(), x.max()
+    shown = (x - lo) / max(hi - lo, 1e-6)
+    vis = (1 - alpha) * shown + alpha * colorize(mask, ignore_index)
+    return np.round(vis * 255).clip(0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def save_mask(labels: np.ndarray, path: str | os.PathLike, num_classes: int) -> None:
+    """Write class indices (H, W) as an 8-bit PNG, or 16-bit beyond 255 classes."""
+    Image.fromarray(labels.astype(np.uint8 if num_classes <= 255 else np.uint16)).save(path)
+
+
+def output_stems(files: Sequence[Path], root: Path | None) -> dict[Path, Path]:
+    """Output name (without ``_mask.png``) of each input; distinct inputs never share one.
+
+    The name is the path relative to ``root`` (a folder input) without its suffix; where two inputs
+    would get the same name (``x.png`` and ``x.jpg``; case-insensitively, for case-insensitive
+    filesystems) both keep their extension (``x_png``, ``x_jpg``).
+
+    Raises:
+        UserError: if names still clash after that (e.g. ``x.png``, ``x.jpg`` and ``x_jpg.png``).
+    """
+    rel = {f: (f.relative_to(root) if root is not None else Path(f.name)) for f in files}
+    plain = {f: r.with_suffix("") for f, r in rel.items()}
+    counts: dict[str, int] = {}
+    for stem in plain.values():
+        counts[str(stem).lower()] = counts.get(str(stem).lower(), 0) + 1
+    stems = {
+        f: (
+            stem.with_name(f"{stem.name}_{rel[f].suffix.lstrip('.')}")
+            if counts[str(stem).lower()] > 1
+            else stem
+        )
+        for f, stem in plain.items()
+    }
+    seen: dict[str, Path] = {}
+    for f, stem in stems.items():
+        key = str(stem).lower()
+        if key in seen:
+            raise UserError(
+                f"inputs {seen[key]} and {f} would both write {stem}_mask.png; rename one of them"
+            )
+        seen[key] = f
+    return stems
+
+
+@dataclass
+class PredictResult:
+    """What a prediction run did: files written and files that failed (with the reason)."""
+
+    written: list[Path]
+    failed: list[tuple[Path, str]]
+
+
+class OnnxPredictor:
+    """Read, normalise, predict and write, with an exported model and no PyTorch.
+
+    Args:
+        model: path of ``model.onnx``.
+        mode: ``"slide"`` (default, window = the training crop in the metadata) or ``"whole"``.
+        window: (h, w) sliding window; None: the training crop.
+        overlap: sliding-window overlap fraction.
+        blend: ``"gaussian"`` or ``"uniform"``.
+        batch_size: windows per forward pass.
+        tta_flips: flipped views (``"h"``, ``"v"``, ``"hv"``).
+        threads: onnxruntime intra-op threads.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        mode: str = "slide",
+        window: tuple[int, int] | None = None,
+        overlap: float = 0.25,
+        blend: str = "gaussian",
+        batch_size: int = 8,
+        tta_flips: Sequence[str] = (),
+        threads: int | None = None,
+    ) -> None:
+        check_predict_options(mode, window, overlap, batch_size, tta_flips)
+        self.segmenter = OnnxSegmenter(model, threads)
+        meta = self.segmenter.metadata
+        self.metadata = meta
+        self.mode, self.overlap, self.blend, self.batch_size = mode, overlap, blend, batch_size
+        self.tta_flips = tuple(tta_flips)
+        self.window = tuple(window or meta.get("train_crop") or (256, 256))
+        self.in_chans, self.num_classes = self.segmenter.in_chans, self.segmenter.num_classes
+        self.ignore_index = int(meta.get("ignore_index", 255))
+        self.normalization = meta["normalization"]
+
+    def predict_labels(self, image: np.ndarray) -> np.ndarray:
+        """Labels (H, W) int64 of one raw image (C, H, W) as read by :func:`read_image`."""
+        x = normalize_image(image, self.normalization)[None]
+        if self.mode == "whole":
+            scores = predict_whole(self.segmenter, x, self.tta_flips)
+        else:
+            scores = predict_sliding_window(
+                self.segmenter, x, self.window, self.overlap, self.blend, self.batch_size, self.tta_flips
+            )
+        return labels_from_scores(scores)[0]
+
+    def predict_files(self, files: Sequence[Path], root: Path | None, output: Path) -> PredictResult:
+        """Predict every file, writing ``<stem>_mask.png`` and ``<stem>_overlay.png`` under ``output``."""
+        return run_over_files(
+            files,
+            root,
+            output,
+            lambda p: read_image(p, self.in_chans),
+            self.predict_labels,
+            self.num_classes,
+            self.ignore_index,
+        )
+
+
+def check_predict_options(
+    mode: str, window: Sequence[int] | None, overlap: float, batch_size: int, tta_flips: Iterable[str]
+) -> None:
+    """Raise :class:`UserError` naming the option at fault."""
+    if mode not in ("slide", "whole"):
+        raise UserError(f"--mode must be slide or whole, got {mode!r}")
+    if window is not None and (len(window) != 2 or min(window) < 1):
+        raise UserError(f"--window must be two positive sizes H W, got {' '.join(map(str, window))}")
+    if not 0.0 <= overlap < 1.0:
+        raise UserError(f"--overlap must be in [0, 1), got {overlap}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    bad = [f for f in tta_flips if f not in _FLIP_AXES]
+    if bad:
+        raise UserError(f"--tta flips {bad} unknown; valid: {', '.join(_FLIP_AXES)}")
+
+
+def resolve_inputs(src: Path) -> tuple[list[Path], Path | None]:
+    """Files to predict and the root their output names are relative to (None for one file)."""
+    if src.is_dir():
+        files = list_images(src)
+        if not files:
+            raise UserError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) found under --input {src}")
+        return files, src
+    if src.is_file():
+        return [src], None
+    raise UserError(f"--input {src} does not exist")
+
+
+def run_over_files(
+    files: Sequence[Path],
+    root: Path | None,
+    output: Path,
+    read: Callable[[Path], np.ndarray],
+    predict: Callable[[np.ndarray], np.ndarray],
+    num_classes: int,
+    ignore_index: int,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> PredictResult:
+    """The loop shared by both predictors: an unreadable image is reported and skipped, never fatal.
+
+    Args:
+        read: path -> raw image (C, H, W) float32; raises ``OSError``/``ValueError`` if unreadable.
+        predict: raw image -> labels (H, W).
+    """
+    stems = output_stems(files, root)  # raises before anything is written
+    output.mkdir(parents=True, exist_ok=True)
+    result = PredictResult([], [])
+    for path in progress(files):
+        try:
+            image = read(path)
+        except (OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            sys.stderr.write(f"warning: skipped {path}: {reason}\n")
+            result.failed.append((path, reason))
+            continue
+        labels = np.asarray(predict(image))
+        target = output / stems[path]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_mask(labels, f"{target}_mask.png", num_classes)
+        Image.fromarray(overlay(np.asarray(image), labels, ignore_index=ignore_index)).save(
+            f"{target}_overlay.png"
+        )
+        result.written.append(Path(f"{target}_mask.png"))
+    return result
+
+
+def report_result(result: PredictResult, output: Path) -> int:
+    """Print the summary; 0 if every image was written, 1 (listing them) if some failed."""
+    print(f"wrote {len(result.written)} masks and overlays to {output}{os.sep}")
+    if result.failed:
+        sys.stderr.write(
+            f"error: {len(result.failed)} image(s) could not be read: "
+            + ", ".join(str(p) for p, _ in result.failed)
+            + "\n"
+        )
+        return 1
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model.onnx written by distill/export.py")
+    p.add_argument("--input", required=True, help="an image file or a folder of images (recursive)")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--mode", choices=["slide", "whole"], default="slide")
+    p.add_argument("--window", type=int, nargs=2, default=None, help="window H W (default: training crop)")
+    p.add_argument("--overlap", type=float, default=0.25)
+    p.add_argument("--tta", nargs="*", default=[], choices=["h", "v", "hv"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: exit 0 (all written), 1 (some images unreadable), 2 (user error)."""
+    try:
+        args = parse_args(argv)
+        predictor = OnnxPredictor(
+            args.model,
+            args.mode,
+            args.window,
+            args.overlap,
+            "gaussian",
+            args.batch_size,
+            args.tta,
+            args.threads,
+        )
+        files, root = resolve_inputs(Path(args.input))
+        return report_result(predictor.predict_files(files, root, Path(args.output)), Path(args.output))
+    except UserError as exc:
+        if os.environ.get("HYBRIDVISION_DEBUG") == "1":
+            raise
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

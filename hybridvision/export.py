@@ -1,0 +1,731 @@
+"""Edge export: ONNX with dynamic batch/height/width, int8 static quantization, deployment report.
+
+* :func:`export_onnx` traces a :class:`~hybridvision.models.Segmenter` with the TorchScript exporter
+  (``dynamo=False``; no ``onnxscript`` needed), opset 18 by default (TransUNet's antialiased
+  bicubic resampling of its position embedding needs ``Resize``-18), dynamic batch, height and
+  width. The zoo computes its shape logic from tensor shapes while tracing (padding to the size
+  divisor, crop, Swin windows / shifts / masks, position-embedding grids), so one graph serves
+  every input size. The file is checked with ``onnx.checker`` and against PyTorch at a size that is
+  not a multiple of the size divisor, and carries metadata (class names, normalisation, channels,
+  size divisor, training crop) that :mod:`hybridvision.deploy.runtime` reads.
+* :func:`quantize_int8`: onnxruntime static quantization (``quant_pre_process`` first, QDQ,
+  per-channel int8 weights, uint8 activations, MinMax calibration on given images).
+* :func:`deployment_report`: params, GMACs, file size, latency (PyTorch eager and onnxruntime CPU,
+  batch 1, median and spread), peak memory and mIoU per model, to ``report.json`` / ``.md`` / ``.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .deploy.runtime import (
+    METADATA_KEY,
+    OnnxSegmenter,
+    labels_from_scores,
+    normalization_spec,
+)
+from .deploy.runtime import predict_sliding_window as np_predict_sliding_window
+from .deploy.runtime import predict_whole as np_predict_whole
+from .models.base import Segmenter
+
+__all__ = [
+    "ExportError",
+    "export_onnx",
+    "verify_onnx",
+    "quantize_int8",
+    "deployment_report",
+    "check_size",
+]
+
+DEFAULT_OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+
+class ExportError(RuntimeError):
+    """The exported graph is invalid or disagrees with PyTorch; the message names size and error."""
+
+
+# --------------------------------------------------------------------------- ONNX export
+
+
+def _bicubic_aa_symbolic(g: Any, x: Any, output_size: Any, align_corners: Any, scale_factors: Any) -> Any:
+    """``aten::_upsample_bicubic2d_aa`` -> ``Resize``-18 (antialias, a = -0.5, outside taps excluded).
+
+    PyTorch's antialiased bicubic is PIL's kernel (a = -0.5) with weights renormalised at borders:
+    ``exclude_outside=1``. Matches PyTorch to ~1e-6; exact at scale 1.
+    """
+    from torch.onnx import symbolic_helper
+
+    sizes = symbolic_helper._unpack_list(output_size)
+    axes = g.op("Constant", value_t=torch.tensor([0], dtype=torch.long))
+    hw = [g.op("Unsqueeze", g.op("Cast", s, to_i=7), axes) for s in sizes]  # 7 = INT64
+    start = g.op("Constant", value_t=torch.tensor([0], dtype=torch.long))
+    stop = g.op("Constant", value_t=torch.tensor([2], dtype=torch.long))
+    batch_channels = g.op("Slice", g.op("Shape", x), start, stop)
+    full = g.op("Concat", batch_channels, *hw, axis_i=0)
+    empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+    return g.op(
+        "Resize",
+        x,
+        empty,
+        empty,
+        full,
+        mode_s="cubic",
+        cubic_coeff_a_f=-0.5,
+        antialias_i=1,
+        exclude_outside_i=1,
+        coordinate_transformation_mode_s="half_pixel",
+    )
+
+
+@contextlib.contextmanager
+def _export_symbolics(opset: int) -> Iterator[None]:
+    from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
+
+    if opset < 18:
+        yield  # TransUNet then fails with a clear "needs opset 18" from _export_graph
+        return
+    register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _bicubic_aa_symbolic, opset)
+    try:
+        yield
+    finally:
+        unregister_custom_op_symbolic("aten::_upsample_bicubic2d_aa", opset)
+
+
+def check_size(size: Sequence[int], divisor: int) -> tuple[int, int]:
+    """A (H, W) near ``size`` that is NOT a multiple of ``divisor`` along either side."""
+    out = []
+    for side in size:
+        s = int(side) + divisor // 2 + 1
+        out.append(s + 1 if s % divisor == 0 else s)
+    return out[0], out[1]
+
+
+def _unwrap(model: nn.Module) -> Segmenter:
+    model = getattr(model, "module", model)  # DDP
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    if not isinstance(model, Segmenter):
+        raise TypeError(f"export_onnx expects a hybridvision Segmenter, got {type(model).__name__}")
+    return model
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    train_crop: Sequence[int] = (256, 256),
+    data_cfg: dict[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    opset: int = DEFAULT_OPSET,
+    ignore_index: int | None = None,
+    verify: bool = True,
+    atol: float = 1e-4,
+) -> Path:
+    """Export a segmenter to ONNX (dynamic batch, height, width) with deployment metadata.
+
+    Args:
+        model: a :class:`Segmenter` (DDP/compiled wrappers are unwrapped); exported on CPU in eval
+            mode, its mode and device are restored afterwards.
+        path: output ``.onnx`` file (written atomically).
+        train_crop: (H, W) training crop: the tracing size and the runtime's default window.
+        data_cfg: the run config's ``data`` section as a dict (``normalize``, ``mean``/``std``,
+            ``window``, ``in_chans``, ``ignore_index``, ``class_names``); None: ImageNet statistics.
+        class_names: class names; default ``data_cfg["class_names"]`` or ``class_0..``.
+        opset: ONNX opset, >= 17 (18 needed by TransUNet).
+        ignore_index: label of ignored pixels (overlay colour); default ``data_cfg`` or 255.
+        verify: compare onnxruntime with PyTorch at a size that is not a multiple of the size divisor.
+        atol: largest accepted max abs difference of logits for ``verify``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ExportError: if ``onnx.checker`` rejects the graph or onnxruntime disagrees with PyTorch.
+    """
+    import onnx
+
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17, got {opset}")
+    seg = _unwrap(model)
+    data = dict(data_cfg or {})
+    in_chans = int(seg.build_kwargs.get("in_chans", data.get("in_chans", 3)))
+    num_classes = int(seg.num_classes)
+    crop = (int(train_crop[0]), int(train_crop[1]))
+    names = list(class_names or data.get("class_names") or [f"class_{i}" for i in range(max(num_classes, 2))])
+    metadata = {
+        "format_version": 1,
+        "in_chans": in_chans,
+        "num_classes": num_classes,
+        "class_names": names,
+        "normalization": normalization_spec(data, in_chans),
+        "size_divisor": int(seg.encoder.size_divisor),
+        "train_crop": list(crop),
+        "ignore_index": int(ignore_index if ignore_index is not None else data.get("ignore_index", 255)),
+        "model": seg.build_kwargs,
+        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32"},
+        "output": {
+            "name": OUTPUT_NAME,
+            "layout": "NCHW",
+            "kind": "logits" if num_classes > 1 else "binary logit",
+        },
+        "opset": opset,
+        "precision": "fp32",
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = seg.training
+    device = next(seg.parameters()).device
+    seg.eval().cpu()
+    dummy = torch.randn(2, in_chans, *crop, generator=torch.Generator().manual_seed(0))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with _export_symbolics(opset), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TracerWarnings on structural (size-independent) checks
+            try:
+                torch.onnx.export(
+                    seg,
+                    (dummy,),
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_axes={
+                        INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                        OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                    },
+                    do_constant_folding=True,
+                )
+            except torch.onnx.errors.UnsupportedOperatorError as exc:
+                raise ExportError(
+                    f"{seg.build_kwargs.get('name')}: {str(exc).splitlines()[0]} (try opset=18)"
+                ) from exc
+        proto = onnx.load(str(tmp))
+        del proto.metadata_props[:]
+        onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
+        proto.producer_name = "hybridvision"
+        proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = num_classes  # K is static
+        proto.doc_string = f"hybridvision {seg.build_kwargs.get('name')} segmenter, logits (B, K, H, W)"
+        onnx.save(proto, str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"{path}: onnx.checker rejected the graph: {str(exc).splitlines()[0]}") from exc
+        if verify:
+            size = check_size(crop, metadata["size_divisor"])
+            result = verify_onnx(seg, tmp, sizes=[size], batch_sizes=[1])[0]
+            if not result["max_abs_diff"] <= atol:
+                raise ExportError(
+                    f"{path}: onnxruntime disagrees with PyTorch at {size[0]}x{size[1]}: max abs logit diff "
+                    f"{result['max_abs_diff']:.3g} > {atol}"
+                )
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        seg.to(device).train(was_training)
+    return path
+
+
+@torch.no_grad()
+def verify_onnx(
+    model: nn.Module,
+    onnx_path: str | os.PathLike,
+    sizes: Sequence[Sequence[int]],
+    batch_sizes: Sequence[int] = (1,),
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Run onnxruntime and PyTorch on the same random inputs.
+
+    Args:
+        model: the exported segmenter (eval mode is set and restored).
+        onnx_path: its ONNX file.
+        sizes: (H, W) input sizes.
+        batch_sizes: batch sizes tried at every size.
+
+    Returns:
+        One dict per (size, batch): ``size``, ``batch``, ``max_abs_diff``, ``argmax_agreement``
+        (fraction of pixels with the same label; logit > 0 for one class).
+    """
+    seg = _unwrap(model)
+    was_training = seg.training
+    seg.eval()
+    runner = OnnxSegmenter(onnx_path, threads=1)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    try:
+        for size in sizes:
+            for batch in batch_sizes:
+                x = torch.randn(batch, runner.in_chans, *size, generator=gen)
+                ref = seg(x.to(next(seg.parameters()).device)).float().cpu().numpy()
+                try:
+                    got = runner(x.numpy())
+                except Exception as exc:  # onnxruntime's own error types: a broken graph, not a user error
+                    first = str(exc).strip().splitlines()[0][:300]
+                    raise ExportError(
+                        f"{onnx_path}: onnxruntime failed on input {tuple(x.shape)}: {first}"
+                    ) from exc
+                if got.shape != ref.shape:
+                    raise ExportError(
+                        f"{onnx_path}: output shape {got.shape} != PyTorch's {ref.shape} for {tuple(x.shape)}"
+                    )
+                agree = float((labels_from_scores(got) == labels_from_scores(ref)).mean())
+                out.append(
+                    {
+                        "size": list(size),
+                        "batch": batch,
+                        "max_abs_diff": float(np.abs(got - ref).max()),
+                        "argmax_agreement": agree,
+                    }
+                )
+    finally:
+        seg.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------- int8
+
+
+def _copy_metadata(src: Any, dst_path: Path, **updates: Any) -> None:
+    import onnx
+
+    meta = json.loads({p.key: p.value for p in src.metadata_props}[METADATA_KEY])
+    meta.update(updates)
+    dst = onnx.load(str(dst_path))
+    del dst.metadata_props[:]
+    onnx.helper.set_model_props(dst, {METADATA_KEY: json.dumps(meta)})
+    onnx.save(dst, str(dst_path))
+
+
+@contextlib.contextmanager
+def _chdir(path: str | os.PathLike) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def quantize_int8(
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    calibration_images: Sequence[np.ndarray | Tensor],
+    *,
+    per_channel: bool = True,
+    calibrate_method: str = "minmax",
+) -> Path:
+    """Static int8 quantization of an exported model (onnxruntime, QDQ format).
+
+    ``quant_pre_process`` (symbolic shape inference + graph optimisation) runs first, then
+    ``quantize_static`` with int8 weights (per output channel), uint8 activations (U8S8, the fast
+    path of VNNI CPUs) and activation ranges calibrated on ``calibration_images``.
+
+    Args:
+        fp32_path: model written by :func:`export_onnx`.
+        out_path: the int8 model (metadata copied, ``precision: int8``).
+        calibration_images: images (C, H, W), already normalised as the model expects (e.g.
+            training samples through the eval transform); sizes may differ.
+        per_channel: per-output-channel weight scales.
+        calibrate_method: ``minmax``, ``entropy`` or ``percentile``.
+
+    Returns:
+        ``out_path``.
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration_images:
+        raise ValueError("quantize_int8 needs at least one calibration image")
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    source = onnx.load(str(fp32_path))
+    input_name = source.graph.input[0].name
+    arrays = [
+        np.asarray(img.detach().cpu() if isinstance(img, Tensor) else img, dtype=np.float32)
+        for img in calibration_images
+    ]
+    for i, a in enumerate(arrays):
+        if a.ndim != 3:
+            raise ValueError(f"calibration image {i} has shape {a.shape}; expected (C, H, W)")
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(arrays)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            a = next(self._it, None)
+            return None if a is None else {input_name: a[None]}
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    if calibrate_method not in methods:
+        raise ValueError(f"calibrate_method must be one of {', '.join(methods)}, got {calibrate_method!r}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        pre = Path(tmp_dir) / "preprocessed.onnx"
+        symbolic = True
+        # ORT's symbolic shape inference dumps sym_shape_infer_temp.onnx (+ data) into the working
+        # directory when it gives up: run it inside the temporary directory
+        with _chdir(tmp_dir):
+            try:
+                quant_pre_process(str(fp32_path.resolve()), str(pre), skip_symbolic_shape=False)
+            except Exception:  # it gives up on some dynamic graphs (Swin shift masks)
+                symbolic = False  # ONNX shape inference + ORT graph optimisation still run
+                quant_pre_process(str(fp32_path.resolve()), str(pre), skip_symbolic_shape=True)
+        tmp_out = Path(tmp_dir) / "int8.onnx"
+        quantize_static(
+            str(pre),
+            str(tmp_out),
+            _Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[calibrate_method],
+        )
+        _copy_metadata(
+            source,
+            tmp_out,
+            precision="int8",
+            quantization={
+                "format": "QDQ",
+                "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
+                "activations": "uint8",
+                "calibration": {"method": calibrate_method, "images": len(arrays)},
+                "pre_process": "quant_pre_process" + ("" if symbolic else " (skip_symbolic_shape)"),
+            },
+        )
+        os.replace(tmp_out, out_path)
+    return out_path
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _count_macs(model: nn.Module, x: Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2
+
+
+def _onnx_params(path: Path) -> int:
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    total = 0
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind in "fiu" and arr.ndim >= 1 and arr.size > 1:
+            total += arr.size
+    return total
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # Linux >= 4.0: reset VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _time(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = np.percentile(times, [25, 75])
+    return {
+        "median_ms": statistics.median(times),
+        "p25_ms": float(q[0]),
+        "p75_ms": float(q[1]),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "runs": runs,
+    }
+
+
+def _as_array(x: Any) -> np.ndarray:
+    return np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x)
+
+
+def deployment_report(
+    out_dir: str | os.PathLike,
+    entries: Sequence[dict[str, Any]],
+    eval_data: Sequence[dict[str, Any]],
+    num_classes: int,
+    ignore_index: int = 255,
+    *,
+    train_crop: Sequence[int] = (256, 256),
+    full_size: Sequence[int] | None = None,
+    eval_mode: str = "whole",
+    window: Sequence[int] | None = None,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int = 1,
+    class_names: Sequence[str] | None = None,
+    max_eval_images: int | None = None,
+) -> dict[str, Any]:
+    """Compare models for deployment and write ``report.json``, ``report.md`` and ``report.png``.
+
+    Args:
+        out_dir: where the three files go.
+        entries: ``{"name": str, "model": nn.Module}`` (PyTorch eager) or ``{"name": str, "onnx":
+            path}`` (onnxruntime CPU; an optional ``"model"`` next to it gives the GMACs of the graph's
+            source model).
+        eval_data: samples ``{"image": (C, H, W) normalised, "mask": (H, W)}`` (e.g. finetune's
+            evaluation dataset built by ``build_labelled_datasets``).
+        num_classes: K (1 = binary).
+        ignore_index: mask value left out of the metrics.
+        train_crop: (H, W) of the crop latency and the GMACs.
+        full_size: (H, W) of the full-image latency; default: the first evaluation image's size.
+        eval_mode: ``"whole"`` or ``"slide"`` (window ``window`` or ``train_crop``, Gaussian blend).
+        runs: timed runs per latency figure (after ``warmup`` untimed ones).
+        threads: CPU threads for both PyTorch and onnxruntime.
+        class_names: for the per-class IoU in the JSON.
+        max_eval_images: evaluate on the first N samples only.
+
+    Returns:
+        The report dict (also written to ``report.json``).
+    """
+    from .inference import predict_sliding_window, predict_whole
+    from .metrics import ConfusionMatrix
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = list(eval_data)[: max_eval_images or None]
+    if not samples:
+        raise ValueError("deployment_report needs at least one evaluation sample")
+    crop = (int(train_crop[0]), int(train_crop[1]))
+    first = _as_array(samples[0]["image"])
+    full = tuple(int(s) for s in (full_size or first.shape[-2:]))
+    in_chans = first.shape[0]
+    win = tuple(window or crop)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    try:
+        for entry in entries:
+            name = entry["name"]
+            module = entry.get("model")
+            onnx_path = entry.get("onnx")
+            row: dict[str, Any] = {
+                "name": name,
+                "runtime": "onnxruntime-cpu" if onnx_path else "pytorch-eager",
+            }
+            if onnx_path:
+                runner = OnnxSegmenter(onnx_path, threads=threads)
+                row["precision"] = runner.metadata.get("precision", "fp32")
+                row["onnx_file_mb"] = Path(onnx_path).stat().st_size / 2**20
+                # the source model's count when given; else weights in the graph (BN folded into convs)
+                row["params"] = (
+                    sum(p.numel() for p in _unwrap(module).parameters())
+                    if module is not None
+                    else _onnx_params(Path(onnx_path))
+                )
+
+                def forward(x: np.ndarray, runner: OnnxSegmenter = runner) -> np.ndarray:
+                    return runner(x)
+
+                def scores(x: np.ndarray, forward: Callable = forward) -> np.ndarray:
+                    if eval_mode == "slide":
+                        return np_predict_sliding_window(forward, x, win, blend="gaussian")
+                    return np_predict_whole(forward, x)
+
+            else:
+                if module is None:
+                    raise ValueError(f"report entry {name!r} needs 'model' or 'onnx'")
+                module = _unwrap(module).eval().cpu()
+                row["precision"] = "fp32"
+                row["onnx_file_mb"] = None
+                row["params"] = sum(p.numel() for p in module.parameters())
+
+                def forward(x: np.ndarray, module: nn.Module = module) -> np.ndarray:
+                    with torch.no_grad():
+                        return module(torch.from_numpy(x)).numpy()
+
+                def scores(x: np.ndarray, module: nn.Module = module) -> np.ndarray:
+                    t = torch.from_numpy(x)
+                    if eval_mode == "slide":
+                        s = predict_sliding_window(module, t, win, blend="gaussian", output="logits")
+                    else:
+                        s = predict_whole(module, t, output="logits")
+                    return s.numpy()
+
+            source = module if module is not None else None
+            row["gmacs_train_crop"] = (
+                _count_macs(_unwrap(source).eval(), torch.zeros(1, in_chans, *crop)) / 1e9
+                if source is not None
+                else None
+            )
+            # latency at batch 1: the training crop and a full image
+            rng = np.random.default_rng(0)
+            for label, size in (("train_crop", crop), ("full_image", full)):
+                x = rng.standard_normal((1, in_chans, *size)).astype(np.float32)
+                row[f"latency_{label}"] = {"size": list(size), **_time(lambda x=x: forward(x), runs, warmup)}
+            # peak memory of one full-image forward
+            x = rng.standard_normal((1, in_chans, *full)).astype(np.float32)
+            before = _rss_kib("VmRSS")
+            if _reset_peak_rss() and before is not None:
+                forward(x)
+                peak = _rss_kib("VmHWM")
+                row["peak_rss_mib"] = peak / 1024 if peak else None
+                row["peak_above_baseline_mib"] = (peak - before) / 1024 if peak else None
+            else:
+                row["peak_rss_mib"] = row["peak_above_baseline_mib"] = None
+            # accuracy
+            cm = ConfusionMatrix(num_classes, ignore_index, class_names=class_names)
+            for sample in samples:
+                img = _as_array(sample["image"]).astype(np.float32)[None]
+                s = scores(img)
+                cm.update(
+                    torch.from_numpy(labels_from_scores(s)),
+                    torch.as_tensor(np.array(_as_array(sample["mask"]), dtype=np.int64))[None],
+                )
+            metrics = cm.compute()
+            row["miou"] = metrics["miou"]
+            row["iou"] = [None if v != v else v for v in metrics["iou"]]
+            rows.append(row)
+    finally:
+        torch.set_num_threads(previous_threads)
+    report = {
+        "eval": {
+            "images": len(samples),
+            "mode": eval_mode,
+            "window": list(win) if eval_mode == "slide" else None,
+        },
+        "threads": threads,
+        "cpu": _cpu_name(),
+        "entries": rows,
+    }
+    from .io import write_json_atomic
+
+    write_json_atomic(out_dir / "report.json", report)
+    (out_dir / "report.md").write_text(_report_markdown(report))
+    _report_png(rows, out_dir / "report.png")
+    return report
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read()
+        name = next(
+            (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?"
+        )
+        flags = set(
+            next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+        )
+        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+        return f"{name} ({', '.join(isa) or 'no avx2'}), {os.cpu_count()} logical CPUs"
+    except OSError:
+        return "unknown"
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _report_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Deployment report",
+        "",
+        f"CPU: {report['cpu']}; {report['threads']} thread(s); batch 1; mIoU on {report['eval']['images']} "
+        f"evaluation images ({report['eval']['mode']}).",
+        "",
+        "| model | runtime | precision | params (M) | GMACs (crop) | file (MB) | crop latency ms (p25-p75) "
+        "| full-image latency ms (p25-p75) | peak memory of a full-image forward (MiB above baseline) | mIoU |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["entries"]:
+        c, f = r["latency_train_crop"], r["latency_full_image"]
+        lines.append(
+            f"| {r['name']} | {r['runtime']} | {r['precision']} | {r['params'] / 1e6:.2f} | "
+            f"{_fmt(r['gmacs_train_crop'])} | {_fmt(r['onnx_file_mb'], '.2f')} | "
+            f"{c['median_ms']:.2f} ({c['p25_ms']:.2f}-{c['p75_ms']:.2f}) @ {c['size'][0]}x{c['size'][1]} | "
+            f"{f['median_ms']:.2f} ({f['p25_ms']:.2f}-{f['p75_ms']:.2f}) @ {f['size'][0]}x{f['size'][1]} | "
+            f"{_fmt(r['peak_above_baseline_mib'], '.0f')} | {r['miou']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _report_png(rows: Sequence[dict[str, Any]], path: Path, size: tuple[int, int] = (720, 480)) -> None:
+    """mIoU against full-image latency, one labelled point per model (Pillow only)."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 70, 30, 40, 60
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    xs = [r["latency_full_image"]["median_ms"] for r in rows]
+    ys = [r["miou"] for r in rows]
+    x0, x1 = 0.0, max(xs) * 1.15 if xs else 1.0
+    y_lo, y_hi = min(ys), max(ys)
+    pad = max((y_hi - y_lo) * 0.2, 0.02)
+    y0, y1 = max(0.0, y_lo - pad), min(1.0, y_hi + pad)
+    if y1 <= y0:
+        y0, y1 = 0.0, 1.0
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (
+            h - top - bottom
+        )
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(6):
+        xv, yv = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        gx, _ = px(xv, y0)
+        _, gy = px(x0, yv)
+        draw.line([gx, h - bottom, gx, h - bottom + 5], fill="black")
+        draw.text((gx - 12, h - bottom + 8), f"{xv:.1f}", fill="black")
+        draw.line([left - 5, gy, left, gy], fill="black")
+        draw.text((8, gy - 6), f"{yv:.3f}", fill="black")
+    draw.text((w // 2 - 110, h - 22), "full-image latency, batch 1 (ms, median)", fill="black")
+    draw.text((8, 10), "mIoU against latency (up and to the left is better)", fill="black")
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    for i, (r, xv, yv) in enumerate(zip(rows, xs, ys)):
+        cx, cy = px(xv, yv)
+        c = colours[i % len(colours)]
+        draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=c, outline="black")
+        draw.text((cx + 8, cy - 18 if i % 2 == 0 else cy + 6), r["name"], fill=c)  # alternate: no overlap
+    img.save(path)
