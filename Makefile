@@ -1,5 +1,5 @@
 # Two commands for a fresh machine: `make demo` (install + run the pipeline on the built-in
-# dataset) and `make test` (install + run the test suite). Both install with pip first.
+# dataset: pretrain -> finetune -> distill -> ONNX/int8 export and report) and `make test` (install + run the test suite). Both install with pip first.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO_DIR ?= runs/demo
@@ -15,6 +15,7 @@ install-dev:
 demo: install
 	$(PYTHON) pretrain/run.py train.output_dir=$(DEMO_DIR)/pretrain
 	$(PYTHON) finetune/run.py train.output_dir=$(DEMO_DIR)/finetune model.init=$(DEMO_DIR)/pretrain/encoder
+	$(PYTHON) distill/run.py train.output_dir=$(DEMO_DIR)/distill teacher=$(DEMO_DIR)/finetune/model export.int8=true
 
 test: install-dev
 	OMP_NUM_THREADS=2 $(PYTHON) -m pytest -q -p no:cacheprovider

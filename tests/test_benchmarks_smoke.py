@@ -104,3 +104,19 @@ def test_peers_seg_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "| tiny | ours (hybrid_nano, scratch) | 3 |" in out
     assert "Mean over seeds" in out and "| tiny | hf_segformer_b0 | 1 |" in out
+
+
+@pytest.mark.slow
+def test_distill_benchmark_runs(isolated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]):
+    """Every loop of benchmarks/distill.py prints a finite row (no timing asserted)."""
+    bench = _load("distill")
+    bench.main(["--size", "32", "--batch-size", "2", "--reps", "1", "--steps", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "x " in line and "ms/step" not in line]
+    names = ("student alone", "+kd, teacher fp32", "+kd, teacher bf16", "+kd+cwd+dist+feature, teacher bf16")
+    for name in names:
+        row = next(r for r in rows if r.startswith(name))
+        ms = float(row[len(name) :].split()[0])
+        assert math.isfinite(ms) and ms > 0
+    assert "teacher in bf16 vs fp32" in out
+    assert _left_behind(isolated) == []

@@ -1,0 +1,86 @@
+"""Training data of the distillation stage: labelled samples, optionally mixed with unlabelled ones.
+
+Every sample carries ``labelled`` (bool). Unlabelled images get an all-``ignore_index`` mask and go
+through the same joint augmentation, so a batch can mix both; the task loss then sees no label on
+them and the distillation terms count all their pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import ConcatDataset, Dataset, IterableDataset, Subset
+
+from distill.config import DistillDataConfig
+from hybridvision.config import ConfigError
+from hybridvision.data.from_config import build_unlabelled_dataset
+from hybridvision.data.io import apply_transform
+
+__all__ = ["Labelled", "UnlabelledAsSegmentation", "build_distill_train_set"]
+
+
+class Labelled(Dataset):
+    """Adds ``labelled=True`` to each sample of a labelled dataset."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], "labelled": True}
+
+
+class UnlabelledAsSegmentation(Dataset):
+    """Unlabelled images as segmentation samples: mask = ``ignore_index`` everywhere, ``labelled=False``.
+
+    Args:
+        dataset: yields ``{"image": (C, H, W), "id": str}`` untransformed.
+        transform: the joint training transform of the labelled data.
+        ignore_index: the mask value.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable | None, ignore_index: int) -> None:
+        self.dataset, self.transform, self.ignore_index = dataset, transform, ignore_index
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        image = sample["image"]
+        mask = torch.full(image.shape[-2:], self.ignore_index, dtype=torch.int64)
+        out = apply_transform(
+            {"image": image, "mask": mask, "id": sample.get("id", str(index))}, self.transform
+        )
+        return {**out, "labelled": False}
+
+
+def build_distill_train_set(
+    data: DistillDataConfig, labelled: Dataset, transform: Callable | None, seed: int
+) -> tuple[Dataset, int]:
+    """The labelled training set, plus ``data.unlabelled_source`` images when given.
+
+    Returns:
+        (dataset, number of unlabelled samples in it).
+    """
+    out: Dataset = Labelled(labelled)
+    if not data.unlabelled_source:
+        return out, 0
+    if isinstance(labelled, IterableDataset):
+        raise ConfigError("data.unlabelled_source needs a map-style labelled set (data.streaming=false)")
+    extra_cfg = dataclasses.replace(
+        data, source=data.unlabelled_source, split=data.unlabelled_split, streaming=False
+    )
+    extra = build_unlabelled_dataset(extra_cfg, None, seed=seed)
+    if isinstance(extra, IterableDataset):
+        raise ConfigError(
+            f"data.unlabelled_source={data.unlabelled_source!r}: streaming sets are not supported"
+        )
+    if data.unlabelled_max and len(extra) > data.unlabelled_max:
+        extra = Subset(extra, range(data.unlabelled_max))
+    return ConcatDataset([out, UnlabelledAsSegmentation(extra, transform, data.ignore_index)]), len(extra)

@@ -1,0 +1,393 @@
+"""Distillation losses for dense prediction: pixel KD, channel-wise KD, DIST and feature matching.
+
+Every loss compares the student's logits or features with a frozen teacher's and returns a scalar.
+Logits are ``(B, K, H, W)``; when teacher and student predict at different resolutions, both are
+resized (bilinear, ``align_corners=False``) to one grid first (:func:`align_logits`). Pixels whose
+label is ``ignore_index`` are excluded through a ``valid`` mask ``(B, H, W)`` (bool); ``valid=None``
+means every pixel counts (unlabelled images). A 1-logit binary model is read as the two-class logits
+``[0, z]`` (:func:`as_two_class`): a softmax over a single channel is identically 1 and would make
+every distillation term silently zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "as_two_class",
+    "align_logits",
+    "kd_loss",
+    "cwd_loss",
+    "dist_loss",
+    "FeatureDistiller",
+    "match_stages",
+    "DistillCriterion",
+    "DistillOutput",
+]
+
+
+def as_two_class(logits: Tensor) -> Tensor:
+    """``(B, 1, H, W)`` binary logits ``z`` -> ``(B, 2, H, W)`` logits ``[0, z]``; others unchanged.
+
+    ``softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]``, so the two-class view carries exactly the
+    binary model's probabilities.
+    """
+    if logits.shape[1] != 1:
+        return logits
+    return torch.cat([torch.zeros_like(logits), logits], dim=1)
+
+
+def align_logits(
+    student: Tensor, teacher: Tensor, size: tuple[int, int] | None = None, to: str = "student"
+) -> tuple[Tensor, Tensor]:
+    """Resize student and teacher logits ``(B, K, h, w)`` to one grid.
+
+    Args:
+        student: (B, K, Hs, Ws) logits.
+        teacher: (B, K, Ht, Wt) logits.
+        size: explicit target (H, W), e.g. the label's size; overrides ``to``.
+        to: ``"student"`` or ``"teacher"``: whose resolution to use when ``size`` is None.
+    """
+    if size is None:
+        size = tuple(student.shape[-2:]) if to == "student" else tuple(teacher.shape[-2:])
+    size = (int(size[0]), int(size[1]))
+
+    def resize(x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) == size:
+            return x
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    return resize(student), resize(teacher)
+
+
+def _valid_weights(valid: Tensor | None, like: Tensor) -> Tensor | None:
+    """(B, H, W) bool -> (B, H, W) float in ``like``'s dtype, resized (nearest) to ``like``'s grid."""
+    if valid is None:
+        return None
+    if tuple(valid.shape[-2:]) != tuple(like.shape[-2:]):
+        valid = F.interpolate(valid[:, None].float(), size=like.shape[-2:], mode="nearest")[:, 0] > 0.5
+    return valid.to(like.dtype)
+
+
+def kd_loss(
+    student: Tensor, teacher: Tensor, temperature: float = 1.0, valid: Tensor | None = None
+) -> Tensor:
+    """Pixel-wise knowledge distillation (Hinton et al., "Distilling the Knowledge in a Neural
+    Network", 2015), applied independently at every pixel:
+
+        KD = T² · mean over valid pixels p of  Σ_k q_t[p,k] · (log q_t[p,k] − log q_s[p,k]),
+        q = softmax(logits / T) over the K classes,
+
+    i.e. ``T² · KL(q_t ‖ q_s)`` summed over classes and averaged over valid pixels. The ``T²`` keeps
+    the gradient scale independent of ``T``. With no valid pixel the loss is 0 (not NaN).
+
+    Args:
+        student: (B, K, H, W) student logits (or (N, K) rows; then ``valid`` is (N,)).
+        teacher: same shape, teacher logits (no gradient flows into them).
+        temperature: T > 0.
+        valid: (B, H, W) bool mask of pixels that count, or None for all.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"kd_loss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
+    s, t = as_two_class(student.float()), as_two_class(teacher.detach().float())
+    log_qs = F.log_softmax(s / temperature, dim=1)
+    log_qt = F.log_softmax(t / temperature, dim=1)
+    per_pixel = (log_qt.exp() * (log_qt - log_qs)).sum(dim=1)  # (B, H, W)
+    w = _valid_weights(valid, per_pixel)
+    if w is None:
+        return per_pixel.mean() * temperature**2
+    return (per_pixel * w).sum() / w.sum().clamp_min(1.0) * temperature**2
+
+
+def cwd_loss(student: Tensor, teacher: Tensor, tau: float = 1.0, valid: Tensor | None = None) -> Tensor:
+    """Channel-wise distillation (Shu et al., "Channel-wise Knowledge Distillation for Dense
+    Prediction", ICCV 2021):
+
+        CWD = τ² / (N·C) · Σ_{n,c} Σ_{i ∈ HW} p_t[n,c,i] · log(p_t[n,c,i] / p_s[n,c,i]),
+        p[n,c,:] = softmax(logits[n,c,:] / τ) over the spatial positions of channel c,
+
+    so each channel's activation map is matched as a distribution over locations. Ignored pixels
+    are left out of the spatial softmax (they carry no probability in either distribution).
+
+    Args:
+        student, teacher: (B, C, H, W) logits (or feature maps with equal channels).
+        tau: temperature τ > 0.
+        valid: (B, H, W) bool mask, or None for all pixels.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"cwd_loss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ"
+        )
+    s, t = as_two_class(student.float()), as_two_class(teacher.detach().float())
+    n, c = s.shape[:2]
+    s = (s / tau).flatten(2)  # (N, C, HW)
+    t = (t / tau).flatten(2)
+    if valid is not None:
+        keep = _valid_weights(valid, student).flatten(1)[:, None, :] > 0  # (N, 1, HW)
+        s = s.masked_fill(~keep, float("-inf"))
+        t = t.masked_fill(~keep, float("-inf"))
+        has_pixel = keep.any(dim=2, keepdim=True)  # images with no valid pixel contribute 0
+        s = torch.where(has_pixel, s, torch.zeros_like(s))
+        t = torch.where(has_pixel, t, torch.zeros_like(t))
+    log_ps = F.log_softmax(s, dim=2)
+    log_pt = F.log_softmax(t, dim=2)
+    pt = log_pt.exp()
+    terms = pt * (log_pt - log_ps)
+    if valid is not None:
+        terms = torch.where(keep & has_pixel, terms, torch.zeros_like(terms))  # 0·(−inf − −inf) = NaN
+    return terms.sum() / (n * c) * tau**2
+
+
+def _pearson(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation of ``a`` and ``b`` along ``dim`` (cosine of the centred vectors)."""
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    return F.cosine_similarity(a, b, dim=dim, eps=eps)
+
+
+def dist_loss(
+    student: Tensor,
+    teacher: Tensor,
+    tau: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    valid: Tensor | None = None,
+    tau_squared: bool = True,
+    return_terms: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """DIST (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022) for
+    dense prediction: class probabilities ``y = softmax(logits / τ)`` at every valid pixel, then
+
+        inter = 1 − mean over pixels p of ρ(y_s[p, :], y_t[p, :])      (relations between classes)
+        intra = 1 − mean over classes c of ρ(y_s[:, c], y_t[:, c])     (relations between pixels)
+        DIST  = (τ² if tau_squared) · (β · inter + γ · intra),
+
+    ρ being the Pearson correlation; the intra-class term runs over all valid pixels of the batch.
+    Matching correlations instead of exact probabilities tolerates the scale and shift gap of a much
+    stronger teacher.
+
+    Args:
+        student, teacher: (B, K, H, W) logits.
+        tau: temperature.
+        beta, gamma: weights of the inter- and intra-class terms.
+        valid: (B, H, W) bool mask, or None for all pixels.
+        tau_squared: multiply by τ² as the paper's code does (off gives the bare correlations).
+        return_terms: also return (inter, intra) unweighted.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"dist_loss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ"
+        )
+    s, t = as_two_class(student.float()), as_two_class(teacher.detach().float())
+    k = s.shape[1]
+    ys = F.softmax(s / tau, dim=1).permute(0, 2, 3, 1).reshape(-1, k)  # (P, K)
+    yt = F.softmax(t / tau, dim=1).permute(0, 2, 3, 1).reshape(-1, k)
+    if valid is not None:
+        keep = _valid_weights(valid, student).reshape(-1) > 0
+        ys, yt = ys[keep], yt[keep]
+    if ys.shape[0] < 2:  # no (or one) valid pixel: no correlation to match
+        zero = student.sum() * 0.0
+        return (zero, zero, zero) if return_terms else zero
+    inter = 1.0 - _pearson(ys, yt, dim=1).mean()
+    intra = 1.0 - _pearson(ys, yt, dim=0).mean()
+    scale = tau**2 if tau_squared else 1.0
+    total = scale * (beta * inter + gamma * intra)
+    return (total, inter, intra) if return_terms else total
+
+
+def match_stages(
+    student_reductions: Sequence[int], teacher_reductions: Sequence[int], student_stages: Sequence[int]
+) -> list[tuple[int, int]]:
+    """Pair each chosen student stage with the teacher stage of the nearest stride (log scale).
+
+    Returns:
+        ``[(student_stage, teacher_stage), ...]``.
+    """
+    import math
+
+    pairs = []
+    n = len(student_reductions)
+    for s in student_stages:
+        if not -n <= s < n:
+            raise ValueError(f"student stage {s} out of range: the student encoder has {n} stages")
+        s = s % n
+        r = math.log(student_reductions[s])
+        t = min(range(len(teacher_reductions)), key=lambda j: (abs(math.log(teacher_reductions[j]) - r), -j))
+        pairs.append((s, t))
+    return pairs
+
+
+class FeatureDistiller(nn.Module):
+    """Feature distillation for heterogeneous teacher/student pairs (e.g. a Transformer teacher and a
+    CNN student with other channel counts and strides), in the spirit of FitNets (Romero et al., 2015)
+    with PKD-style normalisation (Cao et al., "PKD: General Distillation Framework for Object
+    Detectors via Pearson Correlation Coefficient", NeurIPS 2022):
+
+        L = mean over pairs (s, t) of  MSE( norm(A_s(F_s)), norm(resize(F_t → stride of F_s)) ),
+
+    where ``A_s`` is a 1×1 convolution from the student's channels to the teacher's, trained with the
+    student (and dropped at export), ``resize`` is bilinear, and ``norm`` is either the identity or a
+    per-image, per-channel standardisation over space (``"channel"``: zero mean, unit variance), which
+    removes the scale gap between architectures.
+
+    Args:
+        student_channels, student_reductions: the student encoder's contract.
+        teacher_channels, teacher_reductions: the teacher encoder's contract.
+        pairs: ``[(student_stage, teacher_stage)]`` (see :func:`match_stages`).
+        norm: ``"channel"`` or ``"none"``.
+    """
+
+    def __init__(
+        self,
+        student_channels: Sequence[int],
+        teacher_channels: Sequence[int],
+        pairs: Sequence[tuple[int, int]],
+        norm: Literal["channel", "none"] = "channel",
+    ) -> None:
+        super().__init__()
+        if norm not in ("channel", "none"):
+            raise ValueError(f"feature norm must be 'channel' or 'none', got {norm!r}")
+        self.pairs = [(int(s), int(t)) for s, t in pairs]
+        self.norm = norm
+        self.adapters = nn.ModuleList(
+            nn.Conv2d(student_channels[s], teacher_channels[t], kernel_size=1) for s, t in self.pairs
+        )
+
+    def adapt(self, student_feats: Sequence[Tensor]) -> list[Tensor]:
+        """Project the paired student stages to the teacher's channels: list of (B, C_t, h_s, w_s)."""
+        return [adapter(student_feats[s]) for adapter, (s, _) in zip(self.adapters, self.pairs)]
+
+    def _normalise(self, x: Tensor) -> Tensor:
+        if self.norm == "none":
+            return x
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        std = x.var(dim=(2, 3), keepdim=True, unbiased=False).add(1e-6).sqrt()
+        return (x - mean) / std
+
+    def loss(
+        self, adapted: Sequence[Tensor], teacher_feats: Sequence[Tensor], valid: Tensor | None = None
+    ) -> Tensor:
+        """MSE between adapted student features and resized teacher features, averaged over pairs.
+
+        Args:
+            adapted: output of :meth:`adapt` (computed inside the student's forward pass).
+            teacher_feats: the teacher encoder's feature list.
+            valid: unused (features have no label grid); kept for a uniform signature.
+        """
+        del valid
+        total = adapted[0].new_zeros(())
+        for a, (_, t) in zip(adapted, self.pairs):
+            target = teacher_feats[t].detach().float()
+            if tuple(target.shape[-2:]) != tuple(a.shape[-2:]):
+                target = F.interpolate(target, size=a.shape[-2:], mode="bilinear", align_corners=False)
+            total = total + F.mse_loss(self._normalise(a.float()), self._normalise(target))
+        return total / max(len(self.pairs), 1)
+
+
+class DistillOutput:
+    """Result of :class:`DistillCriterion`: the total to back-propagate and every term for logging."""
+
+    __slots__ = ("total", "terms")
+
+    def __init__(self, total: Tensor, terms: dict[str, Tensor]) -> None:
+        self.total = total
+        self.terms = terms
+
+
+class DistillCriterion(nn.Module):
+    """``total = task_weight · task + Σ_k weight_k · term_k`` over the active distillation terms.
+
+    Args:
+        task: the fine-tuning loss (``CombinedLoss``: logits, target -> ``LossOutput``), applied to
+            labelled pixels only (unlabelled samples carry ``ignore_index`` everywhere).
+        task_weight: its weight.
+        weights: ``{"kd" | "cwd" | "dist" | "feature": weight}``.
+        ignore_index: label value excluded from the task loss and from the distillation terms.
+        temperature, cwd_tau, dist_tau, dist_beta, dist_gamma, dist_tau_squared: term settings.
+        resize_to: ``"label"`` (the mask's grid), ``"student"`` or ``"teacher"``.
+        feature_loss: ``(student_adapted, teacher_feats) -> Tensor`` when ``feature`` is active,
+            normally :meth:`FeatureDistiller.loss` of the distiller that lives in the student wrapper
+            (its adapters train with the student; the criterion holds no parameters).
+    """
+
+    def __init__(
+        self,
+        task: nn.Module,
+        task_weight: float,
+        weights: dict[str, float],
+        ignore_index: int = 255,
+        temperature: float = 3.0,
+        cwd_tau: float = 4.0,
+        dist_tau: float = 1.0,
+        dist_beta: float = 1.0,
+        dist_gamma: float = 1.0,
+        dist_tau_squared: bool = True,
+        resize_to: str = "label",
+        feature_loss: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        if weights.get("feature", 0) > 0 and feature_loss is None:
+            raise ValueError("the feature term needs a feature_loss (FeatureDistiller.loss)")
+        self.task = task
+        self.task_weight = float(task_weight)
+        self.weights = {k: float(w) for k, w in weights.items() if w > 0}
+        self.ignore_index = ignore_index
+        self.temperature, self.cwd_tau = temperature, cwd_tau
+        self.dist_tau, self.dist_beta, self.dist_gamma = dist_tau, dist_beta, dist_gamma
+        self.dist_tau_squared = dist_tau_squared
+        self.resize_to = resize_to
+        self.feature_loss = feature_loss
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | None,
+        target: Tensor,
+        labelled: Tensor | None = None,
+        student_adapted: Sequence[Tensor] = (),
+        teacher_feats: Sequence[Tensor] = (),
+    ) -> DistillOutput:
+        """Args:
+        student_logits: (B, K, Hs, Ws); teacher_logits: (B, K, Ht, Wt) (None when no logit term is on).
+        target: (B, H, W) labels (``ignore_index`` where unknown).
+        labelled: (B,) bool, False for unlabelled images (every pixel then counts for the KD terms).
+        student_adapted: the student's adapted features (:meth:`FeatureDistiller.adapt`).
+        teacher_feats: the teacher encoder's features.
+        """
+        terms: dict[str, Tensor] = {}
+        total = student_logits.new_zeros((), dtype=torch.float32)
+        if self.task_weight > 0:
+            task = self.task(student_logits, target)
+            terms["task"] = task.total
+            terms.update({f"task_{k}": v for k, v in task.terms.items()})
+            total = total + self.task_weight * task.total
+        logit_terms = [k for k in self.weights if k != "feature"]
+        if logit_terms:
+            size = tuple(target.shape[-2:]) if self.resize_to == "label" else None
+            s, t = align_logits(student_logits, teacher_logits, size=size, to=self.resize_to)
+            valid = target != self.ignore_index
+            if labelled is not None:
+                valid = valid | ~labelled.bool().view(-1, 1, 1)
+            if tuple(valid.shape[-2:]) != tuple(s.shape[-2:]):
+                valid = _valid_weights(valid, s) > 0
+            for name in logit_terms:
+                if name == "kd":
+                    value = kd_loss(s, t, self.temperature, valid)
+                elif name == "cwd":
+                    value = cwd_loss(s, t, self.cwd_tau, valid)
+                else:
+                    value = dist_loss(
+                        s, t, self.dist_tau, self.dist_beta, self.dist_gamma, valid, self.dist_tau_squared
+                    )
+                terms[name] = value
+                total = total + self.weights[name] * value
+        if "feature" in self.weights:
+            value = self.feature_loss(student_adapted, teacher_feats)
+            terms["feature"] = value
+            total = total + self.weights["feature"] * value
+        return DistillOutput(total, terms)

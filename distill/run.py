@@ -1,0 +1,295 @@
+"""Distil a fine-tuned teacher into a small student, evaluate both, and export the student.
+
+    accelerate launch distill/run.py [--config configs/distill/X.yaml] [teacher=DIR] [key=value ...]
+    python distill/run.py        # built-in synthetic data; teacher = runs/finetune/model
+
+Writes ``<train.output_dir>/student/`` (``from_pretrained``-loadable, no adapter weights),
+``metrics.json`` (student and teacher metrics, their ratio, params and GMACs) and, with
+``export.onnx=true``, ``student.onnx`` and the deployment report.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `distill`, `finetune` packages
+
+import dataclasses  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from distill.config import DistillConfig  # noqa: E402
+from hybridvision.config import cli_main, config_to_dict  # noqa: E402
+
+# accelerate, torchvision and the model zoo are imported inside the functions that use them, so
+# `--help` and config errors answer in about the time torch takes to import
+
+
+def build_student(cfg: DistillConfig, engine):
+    from hybridvision.models.transfer import build_segmenter
+
+    d, s = cfg.data, cfg.student
+    student, report = build_segmenter(
+        s.name,
+        d.num_classes,
+        d.in_chans,
+        init=s.init,
+        strict=s.init_strict,
+        decoder=s.decoder or None,
+        decoder_kwargs=s.decoder_kwargs or None,
+        overrides=s.overrides,
+    )
+    if engine.resume_checkpoint is None:  # else the weights come from the checkpoint
+        engine.print(f"student {s.name}: " + report.summary())
+    return student
+
+
+def teacher_forward(teacher: nn.Module, images: torch.Tensor, cfg: DistillConfig, with_feats: bool):
+    """Frozen teacher logits (and features), never part of the autograd graph."""
+    from distill.models import forward_with_features
+
+    device_type = images.device.type
+    with (
+        torch.inference_mode(),
+        torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.kd.teacher_dtype == "bf16"),
+    ):
+        if with_feats:
+            logits, feats = forward_with_features(teacher, images)
+        else:
+            logits, feats = teacher(images), []
+    # inference tensors cannot be saved for backward: plain fp32 copies enter the losses
+    return logits.float().clone(), [f.float().clone() for f in feats]
+
+
+def main(cfg: DistillConfig) -> dict:
+    from distill.data import build_distill_train_set
+    from distill.losses import DistillCriterion, FeatureDistiller, match_stages
+    from distill.models import DistillStudent, count_gmacs, count_params, load_teacher, resolve_data
+    from finetune.evaluate import evaluate_segmenter
+    from finetune.run import build_data
+    from hybridvision.data.loader import collate_mixed_sizes
+    from hybridvision.engine import Engine, StepOutput
+    from hybridvision.io import write_json_atomic
+    from hybridvision.losses import build_segmentation_loss
+    from hybridvision.models import save_pretrained
+
+    teacher = load_teacher(cfg.teacher)
+    cfg = dataclasses.replace(cfg, data=resolve_data(cfg, teacher))
+    d, kd = cfg.data, cfg.kd
+    engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="distill")
+    acc = engine.accelerator
+    teacher.to(acc.device)
+    student = build_student(cfg, engine)
+    terms = kd.active()
+    features = None
+    if "feature" in terms:
+        pairs = match_stages(student.encoder.reductions, teacher.encoder.reductions, kd.feature_stages)
+        features = FeatureDistiller(
+            student.encoder.out_channels, teacher.encoder.out_channels, pairs, kd.feature_norm
+        )
+        engine.print("feature distillation pairs (student stage -> teacher stage): " + str(pairs))
+    model = DistillStudent(student, features)
+
+    train_tf, train_set, val_set = build_data(cfg)
+    train_set, n_unlabelled = build_distill_train_set(d, train_set, train_tf, cfg.train.seed)
+    if n_unlabelled:
+        engine.print(f"{n_unlabelled} unlabelled images from {d.unlabelled_source} (distillation terms only)")
+    task = build_segmentation_loss(
+        d.num_classes,
+        d.ignore_index,
+        cfg.loss.weights,
+        cfg.loss.class_weights or None,
+        cfg.loss.label_smoothing,
+    )
+    criterion = DistillCriterion(
+        task,
+        kd.task_weight,
+        terms,
+        d.ignore_index,
+        kd.temperature,
+        kd.cwd_tau,
+        kd.dist_tau,
+        kd.dist_beta,
+        kd.dist_gamma,
+        kd.dist_tau_squared,
+        kd.resize_to,
+        feature_loss=features.loss if features is not None else None,
+    )
+
+    def step_fn(m: nn.Module, batch: dict):
+        images, masks = batch["image"], batch["mask"]
+        if terms:
+            t_logits, t_feats = teacher_forward(teacher, images, cfg, features is not None)
+        else:  # no distillation term (the "student alone" baseline): the teacher is not run
+            t_logits, t_feats = None, []
+        s_logits, adapted = m(images)
+        out = criterion(s_logits, t_logits, masks, batch.get("labelled"), adapted, t_feats)
+        return StepOutput(loss=out.total, logs={f"loss_{k}": v for k, v in out.terms.items()})
+
+    eval_loader = None
+    if val_set is not None:
+        eval_loader = acc.prepare_data_loader(  # images of different sizes are evaluated at their own size
+            torch.utils.data.DataLoader(
+                val_set, batch_size=cfg.eval.batch_size, collate_fn=collate_mixed_sizes
+            )
+        )
+
+    def eval_fn(eng, m: nn.Module) -> dict:
+        metrics, _ = evaluate_segmenter(acc.unwrap_model(m).student, eval_loader, cfg, acc)
+        eng.log({f"iou/{n}": v for n, v in zip(metrics["class_names"], metrics["iou"]) if v is not None})
+        return metrics
+
+    def export(m: nn.Module, directory: Path) -> None:
+        extra = {"stage": "distill", "teacher": cfg.teacher, "run_config": config_to_dict(cfg)}
+        save_pretrained(m.student, directory, extra=extra)
+
+    result = engine.fit(
+        model,
+        train_set,
+        step_fn,
+        eval_fn=eval_fn if eval_loader is not None else None,
+        export_fn=export,
+        num_workers=d.num_workers,
+        persistent_workers=d.persistent_workers,
+        pin_memory=d.pin_memory,
+    )
+    out = Path(cfg.train.output_dir)
+    if result["interrupted"]:  # partial: no student/, metrics.json says so; the engine printed how to resume
+        if acc.is_main_process:
+            write_json_atomic(
+                out / "metrics.json",
+                {"step": result["step"], "partial": True, "checkpoint": str(result["checkpoint"])},
+            )
+        engine.close()
+        return {}
+    student = acc.unwrap_model(engine.model).student
+    summary: dict = {"step": result["step"], "teacher_path": cfg.teacher, "student_name": cfg.student.name}
+    if eval_loader is not None:
+        t_metrics, _ = evaluate_segmenter(teacher, eval_loader, cfg, acc)
+        s_metrics = result["final_metrics"]
+        summary |= {
+            "student": s_metrics,
+            "teacher": t_metrics,
+            "miou_ratio": s_metrics["miou"] / max(t_metrics["miou"], 1e-12),
+        }
+        engine.log({"eval/teacher_miou": t_metrics["miou"], "eval/student_miou": s_metrics["miou"]})
+        if cfg.eval.grid_images:
+            engine.log_images(
+                {"eval/input|truth|teacher|student": comparison_grid(teacher, student, val_set, cfg)}
+            )
+    size = tuple(d.image_size)
+    summary["params"] = {"teacher": count_params(teacher), "student": count_params(student)}
+    summary["gmacs"] = {
+        "size": list(size),
+        "teacher": count_gmacs(teacher, d.in_chans, size),
+        "student": count_gmacs(student, d.in_chans, size),
+    }
+    if acc.is_main_process:
+        export(acc.unwrap_model(engine.model), out / "student")
+        if cfg.export.onnx:
+            summary["export"] = export_for_edge(cfg, teacher, student, train_set, val_set, out, engine)
+        write_json_atomic(out / "metrics.json", summary)
+    acc.wait_for_everyone()
+    p, g = summary["params"], summary["gmacs"]
+    if "student" in summary:
+        engine.print(
+            f"student mIoU={summary['student']['miou']:.4f}  teacher mIoU={summary['teacher']['miou']:.4f}  "
+            f"ratio={summary['miou_ratio']:.3f}"
+        )
+    engine.print(
+        f"params teacher {p['teacher'] / 1e6:.2f} M -> student {p['student'] / 1e6:.2f} M "
+        f"({p['teacher'] / max(p['student'], 1):.1f}x fewer); GMACs at {size[0]}x{size[1]} "
+        f"{g['teacher']:.3f} -> {g['student']:.3f} ({g['teacher'] / max(g['student'], 1e-12):.1f}x fewer)"
+    )
+    engine.print(f"student written to {out / 'student'}; metrics in {out / 'metrics.json'}")
+    engine.close()
+    return summary
+
+
+def export_for_edge(cfg: DistillConfig, teacher, student, train_set, val_set, out: Path, engine) -> dict:
+    """ONNX fp32 (+ int8) of the student and the deployment report (teacher, student, ONNX models)."""
+    import copy
+
+    from hybridvision.export import deployment_report, export_onnx, quantize_int8
+
+    d, e = cfg.data, cfg.export
+    data_cfg = config_to_dict(cfg)["data"]
+    cpu_student = copy.deepcopy(student).cpu().eval()
+    result: dict = {}
+    fp32 = export_onnx(
+        cpu_student, out / "student.onnx", train_crop=tuple(d.image_size), data_cfg=data_cfg, opset=e.opset
+    )
+    result["onnx"] = str(fp32)
+    entries = [
+        {"name": "teacher (PyTorch)", "model": teacher},
+        {"name": "student (PyTorch)", "model": cpu_student},
+        {"name": "student (ONNX fp32)", "onnx": fp32, "model": cpu_student},
+    ]
+    engine.print(f"student exported to {fp32} ({fp32.stat().st_size / 2**20:.2f} MB)")
+    if e.int8:
+        count = min(e.calibration_images, len(train_set))
+        calibration = [train_set[i]["image"] for i in range(count)]  # augmented training crops
+        int8 = quantize_int8(fp32, out / "student.int8.onnx", calibration)
+        result["onnx_int8"] = str(int8)
+        entries.append({"name": "student (ONNX int8)", "onnx": int8, "model": cpu_student})
+        engine.print(f"int8 model (calibrated on {count} training crops) in {int8}")
+    if e.report and val_set is not None:
+        report = deployment_report(
+            out,
+            entries,
+            val_set,
+            d.num_classes,
+            d.ignore_index,
+            train_crop=tuple(d.image_size),
+            eval_mode=cfg.eval.mode,
+            window=tuple(cfg.eval.window),
+            runs=e.report_runs,
+            class_names=list(d.class_names) or None,
+            max_eval_images=e.report_images or None,
+        )
+        result["report"] = str(out / "report.md")
+        engine.print((out / "report.md").read_text())
+        result["report_entries"] = [
+            {k: row.get(k) for k in ("name", "miou", "params", "gmacs_train_crop", "onnx_file_mb")}
+            for row in report["entries"]
+        ]
+    return result
+
+
+@torch.no_grad()
+def comparison_grid(teacher: nn.Module, student: nn.Module, val_set, cfg: DistillConfig) -> torch.Tensor:
+    """input | truth | teacher | student rows for the first ``eval.grid_images`` validation samples."""
+    from hybridvision.visualize import colorize, image_grid, to_display
+
+    def labels(logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(1)[0] if logits.shape[1] > 1 else (logits[0, 0] > 0).long()
+
+    rows = []
+    device = next(student.parameters()).device
+    was_training = student.training
+    student.eval()
+    for i in range(min(cfg.eval.grid_images, len(val_set))):
+        sample = val_set[i]
+        x = sample["image"][None].to(device)
+        ig = cfg.data.ignore_index
+        rows.append(
+            [
+                to_display(sample["image"]),
+                colorize(sample["mask"], ig),
+                colorize(labels(teacher(x)).cpu(), ig),
+                colorize(labels(student(x)).cpu(), ig),
+            ]
+        )
+    student.train(was_training)
+    return image_grid(rows)
+
+
+if __name__ == "__main__":
+    code = cli_main(DistillConfig, main)
+    if "hybridvision.engine" in sys.modules:  # imported only if a run started (not for --help)
+        engine_module = sys.modules["hybridvision.engine"]
+        engine_module.shutdown_distributed()
+        code = code or engine_module.pending_exit_code()  # interrupted: 130 (SIGINT) / 143 (SIGTERM)
+    sys.exit(code)

@@ -1,0 +1,47 @@
+"""Labelled + unlabelled training samples for distillation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from distill.config import DistillDataConfig
+from distill.data import build_distill_train_set
+from hybridvision.data.from_config import build_labelled_datasets
+from hybridvision.data.transforms import build_seg_transforms
+
+
+def test_unlabelled_images_join_with_ignore_masks_and_same_augmentation(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for i, size in enumerate([(40, 50), (70, 33), (64, 64)]):  # any sizes: the crop makes them equal
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"u{i}.png")
+    data = DistillDataConfig(
+        num_classes=3,
+        in_chans=3,
+        normalize="imagenet",
+        image_size=(32, 32),
+        synthetic_samples=4,
+        unlabelled_source=str(folder),
+        unlabelled_max=2,
+    )
+    tf = build_seg_transforms(True, (32, 32), in_chans=3, normalize="imagenet")
+    labelled, _ = build_labelled_datasets(data, tf, None)
+    train, n_unlabelled = build_distill_train_set(data, labelled, tf, seed=0)
+    assert n_unlabelled == 2 and len(train) == 4 + 2
+    batch = next(iter(DataLoader(train, batch_size=6, shuffle=False)))
+    assert batch["image"].shape == (6, 3, 32, 32)
+    assert batch["labelled"].tolist() == [True] * 4 + [False] * 2
+    assert (batch["mask"][4:] == 255).all()  # no label on unlabelled images
+    assert (batch["mask"][:4] != 255).any()
+    assert torch.isfinite(batch["image"]).all()
+
+
+def test_without_unlabelled_source_every_sample_is_labelled():
+    data = DistillDataConfig(num_classes=3, in_chans=3, normalize="imagenet", synthetic_samples=3)
+    labelled, _ = build_labelled_datasets(data, None, None)
+    train, n = build_distill_train_set(data, labelled, None, seed=0)
+    assert n == 0 and all(train[i]["labelled"] for i in range(3))
