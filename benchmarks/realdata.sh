@@ -10,6 +10,7 @@
 #   bash benchmarks/realdata.sh mim     # part 4: ISBI pretrained with MIM only (100, 1000 steps), then as part 3 (~12 min)
 #   bash benchmarks/realdata.sh capacity  # part 5: ISBI, U-Net decoder with image skips, hybrid_nano/tiny (~10 min)
 #   bash benchmarks/realdata.sh longer  # part 6: CamVid with 10x the pretraining (~20 min)
+#   bash benchmarks/realdata.sh distill # part 7: teachers, then students alone / +kd / +cwd / +dist / +feature / best, 2 seeds
 #
 # Needs ../shared/data/{isbi2012_em,camvid} and segmentation-models-pytorch (pip install -e ".[bench]").
 # Budgets (hybrid_nano, 100 pretraining steps of 16 images, 200 fine-tuning steps of 8 crops of
@@ -159,5 +160,49 @@ if [ "$PART" = all ] || [ "$PART" = longer ]; then
     done
 fi
 
+# Part 7: distillation. A teacher per dataset (our strongest ISBI model: hybrid_tiny + U-Net decoder
+# with image skips, 400 steps) and one student with 13.7x fewer GMACs (unet_resnet_nano), every
+# student trained with the same budget as the 200-step fine-tunes above: alone (task loss only),
+# + each distillation term, and the best combination; 2 seeds each. The student-alone rows are
+# finetune/run.py's training through distill/run.py (task_weight 1, no term), so nothing else differs.
+DISTILL_VARIANTS=(
+    "alone|kd.task_weight=1.0|kd.weights={}"
+    "kd|kd.weights={kd: 0.3}"
+    "cwd|kd.weights={cwd: 0.3}"
+    "dist|kd.weights={dist: 0.5}"
+    "feature|kd.weights={feature: 0.5}"
+    "best|kd.weights={kd: 0.3, dist: 0.5, feature: 0.5}"
+)
+# term weights: each term's value at the first steps on ISBI (task 1.3, kd 1.7 at T=3, cwd 3.2 at
+# tau=4, dist 1.7, feature 2.0) times its weight is about the weighted task loss (0.7 x 1.3)
+if [ "$PART" = all ] || [ "$PART" = distill ] || [ "$PART" = distill_teachers ]; then
+    for ds in isbi camvid; do
+        rm -rf "runs/realdata/distill/${ds}_teacher"
+        timed "distill_${ds}_teacher" python finetune/run.py --config "configs/finetune/${ds}_scratch.yaml" \
+            model.name=hybrid_tiny model.decoder=unet "model.decoder_kwargs={image_skip_channels: [16, 32]}" \
+            train.max_steps=400 train.ckpt_every=400 train.output_dir="runs/realdata/distill/${ds}_teacher"
+    done
+fi
+if [ "$PART" = all ] || [ "$PART" = distill ] || [ "$PART" = distill_students ]; then
+    # DISTILL_DATASETS / DISTILL_SEEDS / DISTILL_ONLY (variant names) narrow the loops when set
+    for ds in ${DISTILL_DATASETS:-isbi camvid}; do
+        for seed in ${DISTILL_SEEDS:-0 1}; do
+            for variant in "${DISTILL_VARIANTS[@]}"; do
+                IFS='|' read -r name o1 o2 <<<"$variant"
+                [ -z "${DISTILL_ONLY:-}" ] || [[ " $DISTILL_ONLY " == *" $name "* ]] || continue
+                out="runs/realdata/distill/$ds/$name/seed$seed"
+                rm -rf "$out"
+                # ONNX fp32 + int8 and the deployment report for the best student of seed 0 only
+                exp=$([ "$name" = best ] && [ "$seed" = 0 ] && echo true || echo false)
+                timed "distill_${ds}_${name}_seed$seed" python distill/run.py --config "configs/distill/$ds.yaml" \
+                    teacher="runs/realdata/distill/${ds}_teacher/model" train.output_dir="$out" train.seed=$seed \
+                    export.onnx=$exp export.int8=$exp export.report=$exp "$o1" ${o2:+"$o2"}
+            done
+        done
+    done
+    python benchmarks/distill.py --summarize "$RES" | tee "$RES/distill_summary.md"
+fi
+
 shopt -s nullglob
+case "$PART" in distill*) exit 0 ;; esac  # the distillation parts print their own table
 python benchmarks/peers_seg.py --summarize "$RES"/isbi_*.json "$RES"/camvid_*.json | tee "$RES/summary.md"
