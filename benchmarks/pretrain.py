@@ -32,6 +32,11 @@ Usage::
    and under bf16 autocast. An image is one ``batch["image"]`` (plus, for ``contrastive_mim``,
    its two views). Objectives and dtypes of one encoder are interleaved in every repetition.
 
+3. MIM on ``swin_tiny`` vs transformers' ``SwinForMaskedImageModeling`` (SimMIM), 192 x 192,
+   batch 8, window 6, 32 px mask blocks by default: ours with the multiscale (SparK-style) decoder
+   and with the pixel-shuffle head, the same images, masks and AdamW, fp32 and bf16 interleaved
+   (see :func:`bench_simmim`; ``--simmim-*`` flags, ``--skip-simmim``).
+
 Timings on a shared machine are noisy: compare figures from one run, not across runs.
 """
 
@@ -374,6 +379,95 @@ def bench_mim(args: argparse.Namespace, device: torch.device) -> dict[tuple[str,
     return results
 
 
+# ---------------------------------------------------------------------------------------- 3. SimMIM reference
+
+
+def _simmim_window(args: argparse.Namespace) -> int:
+    """Window of both Swins: ``--simmim-window``, at most the last stage's side (stride 32)."""
+    return max(1, min(args.simmim_window, args.simmim_size // 32))
+
+
+def hf_simmim_runner(
+    model: nn.Module,
+    x: Tensor,
+    bool_masked_pos: Tensor,
+    opt: torch.optim.Optimizer,
+    device: torch.device,
+    dtype: str,
+) -> Callable[[int], Tensor]:
+    """transformers' ``SwinForMaskedImageModeling`` train step (its own L1 loss on masked pixels)."""
+
+    def run(steps: int) -> Tensor:
+        model.train()
+        start = _now(device)
+        for _ in range(steps):
+            with _autocast(device, dtype):
+                loss = model(pixel_values=x, bool_masked_pos=bool_masked_pos).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return _now(device) - start
+
+    return run
+
+
+def bench_simmim(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Section 3: our MIM step on ``swin_tiny`` vs transformers' SimMIM, same size, batch and mask.
+
+    Ours: ``PretrainModel(swin_tiny, "mim")`` with the default multiscale (SparK-style) decoder and
+    with SimMIM's pixel-shuffle head; transformers: ``SwinForMaskedImageModeling`` (Swin-T, the
+    same window, stochastic depth 0.2, 1x1 conv + PixelShuffle(32) head, L1 on masked pixels).
+    Both get the same images and the same 32 px block masks (``bool_masked_pos`` is our mask on
+    the 4 px patch grid) and the same AdamW. Returns images/s per ``runner|dtype`` and the ratios.
+    """
+    from transformers import SwinConfig, SwinForMaskedImageModeling
+
+    from pretrain.masking import BlockMaskGenerator
+
+    size, b, window = args.simmim_size, args.simmim_batch_size, _simmim_window(args)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(b, 3, size, size, generator=g).to(device)
+    mask = BlockMaskGenerator(size, args.mask_patch_size, 0.6)(b, generator=g)  # (B, 1, S/32, S/32)
+    scale = args.mask_patch_size // 4  # mask cells -> 4 px patches
+    bool_masked_pos = mask.repeat_interleave(scale, 2).repeat_interleave(scale, 3).flatten(1).to(device)
+    batch = {"image": x, "mask": mask.to(device)}
+    models: dict[str, nn.Module] = {}
+    for decoder in ("multiscale", "pixel_shuffle"):
+        torch.manual_seed(0)
+        encoder = create_encoder("swin_tiny", window_size=window)
+        models[f"ours ({decoder})"] = PretrainModel(
+            encoder, "mim", in_chans=3, mask_patch_size=args.mask_patch_size, decoder=decoder
+        ).to(device)
+    config = SwinConfig(image_size=size, window_size=window, encoder_stride=32, drop_path_rate=0.2)
+    models["transformers SimMIM"] = SwinForMaskedImageModeling(config).to(device)
+    runners: dict[str, Callable[[int], Tensor]] = {}
+    for key, model in models.items():
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        for dtype in args.dtypes:
+            if key.startswith("ours"):
+                runners[f"{key}|{dtype}"] = bare_runner(model, batch, opt, device, dtype)
+            else:
+                runners[f"{key}|{dtype}"] = hf_simmim_runner(model, x, bool_masked_pos, opt, device, dtype)
+    params = ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.1f} M" for k, m in models.items())
+    print(
+        f"\n== MIM train step vs transformers SwinForMaskedImageModeling: swin_tiny (window {window}), batch {b}, "
+        f"{size}x{size}, mask patch {args.mask_patch_size}, ratio 0.6, AdamW, device {device}, "
+        f"threads {torch.get_num_threads()}; {args.simmim_warmup} warmup + {args.simmim_reps} reps, interleaved =="
+    )
+    print(f"(parameters: {params})")
+    times = _interleave(runners, 1, args.simmim_warmup, args.simmim_reps)
+    results: dict[str, float] = {}
+    for dtype in args.dtypes:
+        print(f"-- {dtype}")
+        rows = {k.split("|")[0]: v for k, v in times.items() if k.endswith(f"|{dtype}")}
+        ips = _table(rows, b, "transformers SimMIM", device.type == "cpu")
+        for key, value in ips.items():
+            results[f"{key}|{dtype}"] = value
+            if key != "transformers SimMIM":
+                results[f"ratio {key}|{dtype}"] = value / ips["transformers SimMIM"]
+    return results
+
+
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -411,6 +505,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mim.add_argument("--mim-reps", type=int, default=3)
     mim.add_argument("--mim-warmup", type=int, default=1)
     mim.add_argument("--skip-mim", action="store_true")
+    simmim = parser.add_argument_group(
+        "MIM vs transformers SimMIM (runs when swin_tiny is among --mim-encoders, the default)"
+    )
+    simmim.add_argument("--simmim-size", type=int, default=192, help="image side; a multiple of 32")
+    simmim.add_argument("--simmim-batch-size", type=int, default=8)
+    simmim.add_argument("--simmim-window", type=int, default=6, help="Swin window (capped at size / 32)")
+    simmim.add_argument("--simmim-reps", type=int, default=3)
+    simmim.add_argument("--simmim-warmup", type=int, default=1)
+    simmim.add_argument("--skip-simmim", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -428,6 +531,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 results["contrastive"] = bench_contrastive(args, device, Path(tmp))
             if not args.skip_mim:
                 results["mim"] = bench_mim(args, device)
+            if not args.skip_simmim and "swin_tiny" in args.mim_encoders:
+                results["simmim"] = bench_simmim(args, device)
     finally:
         torch.set_num_threads(threads)
     print("\n(shared machine: figures are noisy; compare within one run)")

@@ -120,3 +120,20 @@ def test_distill_benchmark_runs(isolated: tuple[Path, Path], capsys: pytest.Capt
         assert math.isfinite(ms) and ms > 0
     assert "teacher in bf16 vs fp32" in out
     assert _left_behind(isolated) == []
+
+
+def test_encoders_benchmark_prints_every_row(capsys: pytest.CaptureFixture[str]):
+    """Every row of benchmarks/encoders.py (tiny models of each family) prints finite figures."""
+    bench = _load("encoders")
+    rows = list(bench.build_rows())
+    results = bench.main("--tiny --size-scale 0.15 --batch-size 2 --reps 1 --warmup 0 --dtypes fp32".split())
+    out = capsys.readouterr().out
+    assert list(results) == rows
+    for name in rows:
+        line = next(line for line in out.splitlines() if line.startswith(f"{name} "))
+        figures = results[name]["fp32"]
+        references = [k for k in figures if k != "ours"]
+        assert references and line.count("|") == len(references)
+        assert math.isfinite(figures["ours"]) and figures["ours"] > 0
+        for ref in references:
+            assert all(math.isfinite(v) and v > 0 for v in figures[ref].values()), (name, ref)

@@ -524,3 +524,27 @@ def test_transunet_matches_timm_vit_base_r50_s16(gn_proj_groups):
     assert [f.shape for f in got] == [f.shape for f in expected]
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-3, msg=lambda m, i=i: f"feature {i}: {m}")
+
+
+def test_std_conv_matches_the_formula_and_caches_only_frozen_weights():
+    """The fused weight standardisation equals (w - mean) / sqrt(var + eps); the frozen-weight cache
+    is reused while the weight is unchanged and refreshed after an in-place update."""
+    from hybridvision.models.encoders.transunet import StdConv2d
+
+    torch.manual_seed(0)
+    conv = StdConv2d(4, 6, kernel_size=3, padding=1, bias=False)
+    x = torch.randn(2, 4, 5, 5)
+    w = conv.weight.detach()
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+    expected = nn.functional.conv2d(x, (w - mean) / torch.sqrt(var + 1e-5), padding=1)
+    torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
+    conv(x).sum().backward()
+    assert conv.weight.grad is not None and conv._cached is None  # training: nothing cached
+    with torch.no_grad():
+        first = conv.standardized_weight()
+        assert conv.standardized_weight() is first  # reused
+        conv.weight.mul_(2.0).add_(1.0)  # an optimizer-like in-place update
+        w = conv.weight
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        torch.testing.assert_close(conv.standardized_weight(), (w - mean) / torch.sqrt(var + 1e-5))
+        assert not torch.allclose(conv.standardized_weight(), first)  # refreshed (eps is not scale-free)

@@ -206,7 +206,8 @@ class SwinTransformer(Encoder):
                 out = self.stage_norms[i](x)
             else:
                 out = x
-            feats.append(out.permute(0, 3, 1, 2).contiguous())  # (B, C_i, h_i, w_i)
+            # (B, C_i, h_i, w_i) as a channels_last view: no copy (decoders' convs take it as is)
+            feats.append(out.permute(0, 3, 1, 2))
         return feats
 
     def no_weight_decay(self) -> set[str]:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import Encoder, apply_token_mask
+from ..base import Encoder, apply_token_mask, is_tracing
 from ..layers.attention import Attention
 from ..layers.common import DropPath, Mlp, trunc_normal_init
 from ..layers.pos_embed import interpolate_pos_embed
@@ -101,12 +102,41 @@ class StdConv2d(nn.Conv2d):
     """Conv2d with weight standardisation (Qiao et al., 2019; used by BiT, Kolesnikov et al., 2020).
 
     Each output filter is normalised to zero mean and unit variance (biased, ``eps=1e-5``, as the
-    official TransUNet code) before the convolution.
+    official TransUNet code) before the convolution. Eagerly the statistics and the normalisation
+    are one fused ``batch_norm`` kernel over the (1, C_out, C_in * kH * kW) weight, forward and
+    backward (as timm's ``StdConv2d``); where no gradient is needed (a frozen teacher, evaluation)
+    the standardised weight is computed once and reused until the weight changes.
     """
 
+    eps = 1e-5
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._cached: tuple[tuple, Tensor] | None = None
+
+    def standardized_weight(self) -> Tensor:
+        """The standardised weight (C_out, C_in / groups, kH, kW)."""
+        w = self.weight
+        if is_tracing():  # plain ops for the ONNX graph (same values)
+            var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+            return (w - mean) / torch.sqrt(var + self.eps)
+        frozen = not (torch.is_grad_enabled() and w.requires_grad)
+        key = (w._version, w.data_ptr(), w.dtype, w.device, torch.is_inference_mode_enabled())
+        if frozen and self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        flat = F.batch_norm(
+            w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=self.eps
+        )
+        weight = flat.reshape_as(w)
+        if not frozen:
+            self._cached = None
+            return weight
+        self._cached = (key, weight.detach())
+        return self._cached[1]
+
     def forward(self, x: Tensor) -> Tensor:
-        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
-        weight = (self.weight - mean) / torch.sqrt(var + 1e-5)
+        """Args: x (B, C_in, H, W). Returns (B, C_out, H', W')."""
+        weight = self.standardized_weight()
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 

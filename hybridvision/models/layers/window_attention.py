@@ -2,11 +2,13 @@
 
 Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", ICCV 2021.
 
-Attention runs through ``F.scaled_dot_product_attention``; the relative position bias and the
-shifted-window mask go in as one float ``attn_mask``. Windows are laid out so that the mask never
-grows with the batch: queries are arranged as (B, windows * heads, N, d) and the mask as
-(1, windows * heads, N, N), broadcast over the batch (timm materialises a (B * windows, heads, N, N)
-mask instead). Window partition, head split and their inverses are one ``permute`` each.
+Attention is computed explicitly (``softmax(q k^T * scale + bias [+ mask]) v``, timm's default
+Swin path): on CPU, ``F.scaled_dot_product_attention`` with a float mask that needs a gradient
+takes its math fallback, which adds a masked-row guard and scales q and k separately, and was
+measurably slower for 36-49-token windows. The relative position bias and the shift mask (cached
+per padded size) are combined once per block into a (windows, heads, N, N) term that broadcasts
+over the batch and is added in place. Window partition plus head split is one ``permute`` copy,
+its inverse another (timm makes two each way).
 
 Inputs of any size are handled as in the official Swin detection/segmentation backbones: each
 block pads its (normalised) input at the bottom/right to a multiple of the window, shifts the padded
@@ -234,11 +236,12 @@ class WindowAttention(nn.Module):
         # gradient takes its math fallback, which adds a masked-row guard (isneginf / all / where) and
         # scales q and k separately; this is the same arithmetic without them
         attn = torch.matmul(q * self.scale, k.transpose(-2, -1))  # (B * nW, heads, N, N)
-        if shift_mask is None:
-            attn = attn + bias
-        else:  # (B, nW, heads, N, N) + (nW, heads, N, N): the mask broadcasts over the batch
-            mask = shift_mask.unsqueeze(1) + bias
-            attn = (attn.view(b, nh * nw, heads, n, n) + mask).view(b * nh * nw, heads, n, n)
+        # (nW, heads, N, N) with the shift mask, else (heads, N, N): broadcasts over batch and windows
+        term = bias if shift_mask is None else shift_mask.unsqueeze(1) + bias
+        if is_tracing():  # out of place: an in-place add on a view is not kept by the ONNX graph
+            attn = (attn.view(b, -1, heads, n, n) + term).view(b * nh * nw, heads, n, n)
+        else:  # in place: the matmul's backward does not need its output
+            attn.view(b, -1, heads, n, n).add_(term)
         attn = attn.softmax(dim=-1)
         if self.training and self.attn_drop > 0:
             attn = F.dropout(attn, self.attn_drop)
