@@ -186,11 +186,17 @@ def main(cfg: DistillConfig) -> dict:
         "teacher": count_gmacs(teacher, d.in_chans, size),
         "student": count_gmacs(student, d.in_chans, size),
     }
+    export_error = None
     if acc.is_main_process:
         export(acc.unwrap_model(engine.model), out / "student")
+        write_json_atomic(out / "metrics.json", summary)  # before the export: nothing trained is lost
         if cfg.export.onnx:
-            summary["export"] = export_for_edge(cfg, teacher, student, train_set, val_set, out, engine)
-        write_json_atomic(out / "metrics.json", summary)
+            try:
+                summary["export"] = export_for_edge(cfg, teacher, student, train_set, val_set, out, engine)
+            except Exception as exc:  # the student and metrics are written; say what failed, exit 2
+                export_error = exc
+                summary["export"] = {"error": f"{type(exc).__name__}: {exc}"}
+            write_json_atomic(out / "metrics.json", summary)
     acc.wait_for_everyone()
     p, g = summary["params"], summary["gmacs"]
     if "student" in summary:
@@ -205,6 +211,12 @@ def main(cfg: DistillConfig) -> dict:
     )
     engine.print(f"student written to {out / 'student'}; metrics in {out / 'metrics.json'}")
     engine.close()
+    if export_error is not None:
+        raise ValueError(
+            f"edge export failed ({type(export_error).__name__}: {export_error}); the student and "
+            f"metrics are saved in {out}: retry with python distill/export.py --model {out / 'student'} "
+            f"--output {out / 'student.onnx'}"
+        ) from export_error
     return summary
 
 

@@ -357,7 +357,8 @@ def quantize_int8(
 
     if not calibration_images:
         raise ValueError("quantize_int8 needs at least one calibration image")
-    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    # absolute before the chdir into the temporary directory below (relative paths broke there)
+    fp32_path, out_path = Path(fp32_path).resolve(), Path(out_path).resolve()
     source = onnx.load(str(fp32_path))
     input_name = source.graph.input[0].name
     arrays = [
@@ -391,10 +392,10 @@ def quantize_int8(
         # directory when it gives up: run it inside the temporary directory
         with _chdir(tmp_dir):
             try:
-                quant_pre_process(str(fp32_path.resolve()), str(pre), skip_symbolic_shape=False)
+                quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
             except Exception:  # it gives up on some dynamic graphs (Swin shift masks)
                 symbolic = False  # ONNX shape inference + ORT graph optimisation still run
-                quant_pre_process(str(fp32_path.resolve()), str(pre), skip_symbolic_shape=True)
+                quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         tmp_out = Path(tmp_dir) / "int8.onnx"
         quantize_static(
             str(pre),

@@ -254,3 +254,17 @@ def test_distill_export_cli_writes_fp32_and_int8(tmp_path, capsys):
     assert read_metadata(out)["train_crop"] == [32, 32]
     assert export_cli.main(["--model", str(tmp_path / "nope"), "--output", str(out)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_int8_with_relative_paths(tmp_path, monkeypatch):
+    """quantize_int8 works in a temporary directory: relative paths must be resolved before that."""
+    from hybridvision.export import export_onnx, quantize_int8
+    from hybridvision.models import create_segmenter
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = create_segmenter("unet_resnet_nano", 3).eval()
+    fp32 = export_onnx(model, Path("out") / "m.onnx", train_crop=(32, 32))
+    calib = [torch.randn(3, 32, 32) for _ in range(2)]
+    int8 = quantize_int8(Path("out") / "m.onnx", Path("out") / "m.int8.onnx", calib)
+    assert int8.is_file() and int8.is_absolute() and fp32.is_file()
