@@ -72,7 +72,7 @@ class KDConfig:
     temperature: float = 3.0  # T of the pixel KD term (multiplied back as T²)
     cwd_tau: float = 4.0  # τ of channel-wise distillation (Shu et al. use 4)
     dist_tau: float = 1.0  # τ of DIST
-    dist_beta: float = 1.0  # DIST inter-class weight
+    dist_beta: float = 1.0  # DIST inter-class weight (0 for binary models: the term is constant there)
     dist_gamma: float = 1.0  # DIST intra-class weight
     dist_tau_squared: bool = True  # multiply DIST by τ² as the paper's code does
     resize_to: Literal["label", "student", "teacher"] = "label"  # grid the logits are compared on

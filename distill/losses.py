@@ -169,7 +169,9 @@ def dist_loss(
 
     ρ being the Pearson correlation; the intra-class term runs over all valid pixels of the batch.
     Matching correlations instead of exact probabilities tolerates the scale and shift gap of a much
-    stronger teacher.
+    stronger teacher. With two classes (binary models) the inter-class term is degenerate: two
+    centred 2-vectors are always (anti-)parallel, so ρ = ±1 and the term has no gradient;
+    ``distill/run.py`` then sets β = 0 and says so.
 
     Args:
         student, teacher: (B, K, H, W) logits.

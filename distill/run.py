@@ -83,6 +83,12 @@ def main(cfg: DistillConfig) -> dict:
     teacher.to(acc.device)
     student = build_student(cfg, engine)
     terms = kd.active()
+    if "dist" in terms and teacher.num_classes <= 2 and kd.dist_beta > 0:
+        engine.print(
+            "kd.dist_beta set to 0: DIST's inter-class correlation of two class probabilities is always "
+            "±1 (no gradient) for a binary model; only the intra-class term is used"
+        )
+        kd = dataclasses.replace(kd, dist_beta=0.0)
     features = None
     if "feature" in terms:
         pairs = match_stages(student.encoder.reductions, teacher.encoder.reductions, kd.feature_stages)

@@ -254,3 +254,16 @@ def test_criterion_total_is_weighted_sum_and_unlabelled_rows_skip_task():
     assert out2.terms["task"].item() == pytest.approx(
         F.cross_entropy(s[:1], unl[:1], ignore_index=255).item(), abs=1e-6
     )
+
+
+def test_dist_inter_class_term_is_degenerate_for_two_classes():
+    """ρ of two centred 2-vectors is ±1: the binary inter-class term carries no gradient (why
+    distill/run.py drops it), while the intra-class term does."""
+    s, t = _pair(2, 1, 8, 8)
+    s.requires_grad_(True)
+    _, inter, intra = dist_loss(s, t, tau_squared=False, return_terms=True)
+    (grad_inter,) = torch.autograd.grad(inter, s, retain_graph=True)
+    (grad_intra,) = torch.autograd.grad(intra, s)
+    agree = (torch.sigmoid(s) - 0.5).sign() == (torch.sigmoid(t) - 0.5).sign()
+    assert inter.item() == pytest.approx(1 - (2 * agree.float() - 1).mean().item(), abs=1e-5)
+    assert grad_inter.abs().max() < 1e-4 < grad_intra.abs().max()
