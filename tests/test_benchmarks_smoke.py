@@ -137,3 +137,23 @@ def test_encoders_benchmark_prints_every_row(capsys: pytest.CaptureFixture[str])
         assert math.isfinite(figures["ours"]) and figures["ours"] > 0
         for ref in references:
             assert all(math.isfinite(v) and v > 0 for v in figures[ref].values()), (name, ref)
+
+
+@pytest.mark.slow
+def test_export_benchmark_runs(isolated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]):
+    """PyTorch vs onnxruntime fp32 vs int8 rows for a teacher and a student (no timing asserted)."""
+    bench = _load("export")
+    args = ["--teacher", "unet_resnet_nano", "--student", "segformer_nano", "--num-classes", "3"]
+    bench.main([*args, "--size", "32", "32", "--reps", "1", "--warmup", "0", "--calibration-count", "2"])
+    out = capsys.readouterr().out
+    rows = [
+        line.split()
+        for line in out.splitlines()
+        if ("onnxruntime" in line or "pytorch eager" in line) and "vs fp32" not in line
+    ]
+    assert len(rows) == 6  # teacher and student x eager, fp32, int8
+    for row in rows:
+        ms = float(row[-4])
+        assert math.isfinite(ms) and ms > 0
+    assert out.count("int8 vs fp32 (onnxruntime)") == 2 and "nan" not in out.lower()
+    assert _left_behind(isolated) == []
