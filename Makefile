@@ -18,7 +18,7 @@ demo: install
 	$(PYTHON) distill/run.py train.output_dir=$(DEMO_DIR)/distill teacher=$(DEMO_DIR)/finetune/model export.int8=true
 
 test: install-dev
-	OMP_NUM_THREADS=2 $(PYTHON) -m pytest -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 lint: install-dev
 	ruff check . && ruff format --check .
