@@ -534,7 +534,8 @@ def deployment_report(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    samples = list(eval_data)[: max_eval_images or None]
+    count = len(eval_data) if max_eval_images is None else min(len(eval_data), max_eval_images)
+    samples = [eval_data[i] for i in range(count)]  # by index: datasets need not stop iteration
     if not samples:
         raise ValueError("deployment_report needs at least one evaluation sample")
     crop = (int(train_crop[0]), int(train_crop[1]))

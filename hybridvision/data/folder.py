@@ -103,6 +103,8 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         n = len(self.files)
+        if not -n <= index < n:  # iteration (list(dataset), for x in dataset) stops here
+            raise IndexError(f"index {index} out of range for {n} images")
         for offset in range(n):
             i = (index + offset) % n
             if i in self._bad:
@@ -342,6 +344,8 @@ class SegmentationFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         n = len(self.ids)
+        if not -n <= index < n:  # iteration (list(dataset), for x in dataset) stops here
+            raise IndexError(f"index {index} out of range for {n} samples")
         for offset in range(n):
             i = (index + offset) % n
             if i in self._bad:

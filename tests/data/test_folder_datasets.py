@@ -210,3 +210,16 @@ def test_segmentation_folder_transform_output_collates(tmp_path):
     assert type(batch["image"]) is torch.Tensor and type(batch["mask"]) is torch.Tensor
     assert batch["image"].shape == (4, 3, 4, 4) and batch["mask"].shape == (4, 4, 4)
     assert batch["mask"].dtype == torch.int64 and batch["id"] == ["00", "01", "02", "03"]
+
+
+def test_folder_datasets_stop_iteration_at_their_length(tmp_path, image_tree):
+    """Out-of-range indices raise IndexError, so list(ds) / for x in ds end (they looped forever and
+    took all memory in the deployment report, which listed an evaluation split)."""
+    root, _ = make_seg_root(tmp_path)
+    ds = SegmentationFolderDataset(root, "train", num_classes=3)
+    assert [s["id"] for s in ds] == ["00", "01", "02", "03"]
+    assert ds[-1]["id"] == "03"
+    with pytest.raises(IndexError):
+        ds[4]
+    images = ImageFolderDataset(image_tree)
+    assert len(list(images)) == len(images)
