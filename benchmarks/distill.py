@@ -141,14 +141,57 @@ def summarize(results: Path, runs: Path) -> str:
             miou = [r["student"]["miou"] for r in runs_]
             last = [r["student"]["iou"][-1] for r in runs_]
             ratio = [r["miou_ratio"] for r in runs_]
-            wall = [r["wall_s"] for r in runs_]
+            wall = [r["wall_s"] for r in runs_ if r["wall_s"] == r["wall_s"]]  # NaN: no wall file
             summary[f"{ds}/{name}"] = {"miou": miou, "last_class_iou": last, "ratio": ratio, "wall_s": wall}
             lines.append(
                 f"| {ds} | student ({p['student'] / 1e6:.2f} M, {g['student']:.3f} GMACs) {name} | "
                 f"{statistics.mean(miou):.3f} ({min(miou):.3f}-{max(miou):.3f}) | {statistics.mean(last):.3f} | "
-                f"{statistics.mean(ratio):.3f} | {statistics.mean(wall):.0f} |"
+                f"{statistics.mean(ratio):.3f} | {f'{statistics.mean(wall):.0f}' if wall else '—'} |"
             )
     (results / "distill_summary.json").write_text(json.dumps(summary, indent=2))
+    return "\n".join(lines)
+
+
+def agreement(config: str, teacher_dir: str, students: list[str], max_images: int) -> str:
+    """How often each student's label equals the teacher's on the evaluation split (valid pixels),
+    next to each one's accuracy: whether distillation moved the student towards the teacher."""
+    import dataclasses
+
+    from distill.config import DistillConfig
+    from distill.models import load_teacher, resolve_data
+    from finetune.run import build_data
+    from hybridvision.config import load_config
+    from hybridvision.inference import Predictor
+    from hybridvision.models import from_pretrained
+
+    cfg = load_config(DistillConfig, config, [f"teacher={teacher_dir}"])
+    teacher = load_teacher(teacher_dir)
+    cfg = dataclasses.replace(cfg, data=resolve_data(cfg, teacher))
+    _, _, val_set = build_data(cfg)
+    models = {"teacher": teacher} | {s: from_pretrained(s).eval() for s in students}
+    window = tuple(cfg.eval.window) if cfg.eval.mode == "slide" else None
+    predictors = {
+        k: Predictor(m, mode=cfg.eval.mode, num_classes=cfg.data.num_classes, window=window)
+        for k, m in models.items()
+    }
+    same = {s: 0 for s in students}
+    correct = {k: 0 for k in models}
+    total = 0
+    with torch.no_grad():
+        for i in range(min(max_images, len(val_set))):
+            sample = val_set[i]
+            x, mask = sample["image"][None], sample["mask"][None]
+            labels = {k: p.predict_labels(x) for k, p in predictors.items()}
+            valid = mask != cfg.data.ignore_index
+            total += int(valid.sum())
+            for k in models:
+                correct[k] += int(((labels[k] == mask) & valid).sum())
+            for s in students:
+                same[s] += int(((labels[s] == labels["teacher"]) & valid).sum())
+    lines = ["| model | pixel accuracy | agreement with the teacher |", "|---|---:|---:|"]
+    lines.append(f"| teacher | {correct['teacher'] / total:.4f} | 1 |")
+    for s in students:
+        lines.append(f"| {s} | {correct[s] / total:.4f} | {same[s] / total:.4f} |")
     return "\n".join(lines)
 
 
@@ -158,6 +201,13 @@ def main(argv=None) -> None:
         "--summarize", metavar="RESULTS_DIR", help="print the real-data distillation table and exit"
     )
     p.add_argument("--runs", default="runs/realdata/distill", help="with --summarize: the runs' root")
+    p.add_argument(
+        "--agreement",
+        nargs="+",
+        metavar=("CONFIG TEACHER", "STUDENT"),
+        help="distill config, teacher dir, student dirs: pixel agreement of each student with the teacher",
+    )
+    p.add_argument("--max-images", type=int, default=50, help="with --agreement: evaluation images used")
     p.add_argument("--teacher", default="hybrid_tiny")
     p.add_argument("--student", default="unet_resnet_nano")
     p.add_argument("--size", type=int, default=128)
@@ -172,6 +222,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.summarize:
         print(summarize(Path(args.summarize), Path(args.runs)))
+        return
+    if args.agreement:
+        if len(args.agreement) < 3:
+            p.error("--agreement needs CONFIG TEACHER STUDENT [STUDENT ...]")
+        torch.set_num_threads(max(args.threads, 1))
+        print(agreement(args.agreement[0], args.agreement[1], args.agreement[2:], args.max_images))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
