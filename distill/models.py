@@ -6,13 +6,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from distill.config import FROM_TEACHER, DistillConfig, DistillDataConfig
 from distill.losses import FeatureDistiller
 from hybridvision.config import ConfigError
 from hybridvision.models import Segmenter, from_pretrained
+from hybridvision.models.profile import count_gmacs, count_params  # re-exported for the stage
 
 __all__ = [
     "load_teacher",
@@ -136,22 +136,3 @@ class DistillStudent(nn.Module):
             return self.student(x), []
         logits, feats = forward_with_features(self.student, x)
         return logits, self.features.adapt(feats)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def count_gmacs(model: nn.Module, in_chans: int, size: tuple[int, int]) -> float:
-    """Multiply-accumulates (FLOPs / 2, torch's FlopCounterMode) of one (1, C, H, W) forward, in G."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(torch.zeros(1, in_chans, *size, device=device))
-    model.train(was_training)
-    return counter.get_total_flops() / 2e9

@@ -40,6 +40,7 @@ from .deploy.runtime import (
 from .deploy.runtime import predict_sliding_window as np_predict_sliding_window
 from .deploy.runtime import predict_whole as np_predict_whole
 from .models.base import Segmenter
+from .models.profile import count_gmacs
 
 __all__ = [
     "ExportError",
@@ -426,14 +427,6 @@ def quantize_int8(
 # --------------------------------------------------------------------------- report
 
 
-def _count_macs(model: nn.Module, x: Tensor) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() / 2
-
-
 def _onnx_params(path: Path) -> int:
     import onnx
     from onnx import numpy_helper
@@ -596,9 +589,7 @@ def deployment_report(
 
             source = module if module is not None else None
             row["gmacs_train_crop"] = (
-                _count_macs(_unwrap(source).eval(), torch.zeros(1, in_chans, *crop)) / 1e9
-                if source is not None
-                else None
+                count_gmacs(_unwrap(source), in_chans, crop) if source is not None else None
             )
             # latency at batch 1: the training crop and a full image
             rng = np.random.default_rng(0)
