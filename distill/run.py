@@ -162,13 +162,8 @@ def main(cfg: DistillConfig) -> dict:
         pin_memory=d.pin_memory,
     )
     out = Path(cfg.train.output_dir)
-    if result["interrupted"]:  # partial: no student/, metrics.json says so; the engine printed how to resume
-        if acc.is_main_process:
-            write_json_atomic(
-                out / "metrics.json",
-                {"step": result["step"], "partial": True, "checkpoint": str(result["checkpoint"])},
-            )
-        engine.close()
+    if result["interrupted"]:  # partial: no student/, metrics.json says so
+        engine.close_interrupted(result)
         return {}
     student = acc.unwrap_model(engine.model).student
     summary: dict = {"step": result["step"], "teacher_path": cfg.teacher, "student_name": cfg.student.name}

@@ -182,13 +182,8 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
         pin_memory=d.pin_memory,
     )
     out = Path(cfg.train.output_dir)
-    if result["interrupted"]:  # partial: no model/, metrics.json says so; the engine printed how to resume
-        if acc.is_main_process:
-            write_json_atomic(
-                out / "metrics.json",
-                {"step": result["step"], "partial": True, "checkpoint": str(result["checkpoint"])},
-            )
-        engine.close()
+    if result["interrupted"]:  # partial: no model/, metrics.json says so
+        engine.close_interrupted(result)
         return {}
     if acc.is_main_process:
         if exportable:

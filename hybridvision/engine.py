@@ -877,6 +877,17 @@ class Engine:
             if writer is not None and hasattr(writer, "flush"):
                 writer.flush()
 
+    def close_interrupted(self, result: dict[str, Any]) -> None:
+        """End a run ``fit`` stopped by a signal: ``<output_dir>/metrics.json`` says it is partial
+        (step, checkpoint) instead of holding metrics, then :meth:`close`. Stages write no final model
+        in that case; the engine has already printed the command that resumes."""
+        if self.is_main:
+            write_json_atomic(
+                self.output_dir / "metrics.json",
+                {"step": result["step"], "partial": True, "checkpoint": str(result["checkpoint"])},
+            )
+        self.close()
+
     def close(self) -> None:
         """Finish the trackers (event files closed); the process group stays up.
 
