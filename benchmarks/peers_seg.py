@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import resource
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -104,13 +105,24 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (DataLoader workers), all threads.
+
+    Unlike wall time this hardly moves when other jobs share the cores, so "equal budget" can be
+    read across runs made at different times.
+    """
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_one(name: str, cfg: FinetuneConfig) -> dict[str, Any]:
     """Train and evaluate one model under ``cfg``; returns params, wall time and metrics."""
     torch.manual_seed(cfg.train.seed)  # peers are built before the engine seeds; make their init repeatable
     model = None if name == "ours" else PEERS[name](cfg.data.in_chans, cfg.data.num_classes)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     metrics = finetune_main(cfg, model=model)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
     if model is None:
         from hybridvision.models import from_pretrained
 
@@ -128,10 +140,21 @@ def run_one(name: str, cfg: FinetuneConfig) -> dict[str, Any]:
         "label": label,
         "params": count_parameters(model),
         "train_wall_s": round(wall, 1),
+        "train_cpu_s": round(cpu, 1),
+        "steps": cfg.train.max_steps,
         "threads": torch.get_num_threads(),
         "output_dir": cfg.train.output_dir,
         "metrics": metrics,
     }
+
+
+def _steps(row: dict[str, Any]) -> str:
+    steps = row.get("steps", row.get("resolved_config", {}).get("train", {}).get("max_steps"))
+    return "-" if steps is None else str(steps)
+
+
+def _cpu(row: dict[str, Any]) -> str:
+    return f"{row['train_cpu_s']:.0f}" if "train_cpu_s" in row else "-"  # older results: wall only
 
 
 def _fmt(value: float | None) -> str:
@@ -153,14 +176,15 @@ def _scores(row: dict[str, Any]) -> tuple[float, float | None, float | None, flo
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table, one line per run (binary tasks: membrane = class 1 IoU/Dice; multi-class: mIoU)."""
     lines = [
-        "| config | model | seed | params | train wall (s) | mIoU | foreground IoU | foreground Dice | pixel acc |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| config | model | seed | params | steps | train CPU (s) | train wall (s) | mIoU | foreground IoU | foreground Dice | pixel acc |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         seed = r.get("resolved_config", {}).get("train", {}).get("seed", "")
         cells = " | ".join(_fmt(v) for v in _scores(r))
         lines.append(
-            f"| {r.get('config', '')} | {r['label']} | {seed} | {r['params']:,} | {r['train_wall_s']:.0f} | {cells} |"
+            f"| {r.get('config', '')} | {r['label']} | {seed} | {r['params']:,} | {_steps(r)} | {_cpu(r)} | "
+            f"{r['train_wall_s']:.0f} | {cells} |"
         )
     return "\n".join(lines)
 
@@ -169,12 +193,12 @@ def mean_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of the mean (and min-max) over seeds of each (config, model)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r.get("config", ""), r["label"]), []).append(r)
+        groups.setdefault((r.get("config", ""), r["label"], _steps(r)), []).append(r)
     lines = [
-        "| config | model | runs | mean train wall (s) | mIoU | foreground IoU | foreground Dice |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| config | model | steps | runs | mean train CPU (s) | mean train wall (s) | mIoU | foreground IoU | foreground Dice |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (config, label), group in groups.items():
+    for (config, label, steps), group in groups.items():
         cells = []
         for i in range(3):
             values = [_scores(r)[i] for r in group]
@@ -185,7 +209,11 @@ def mean_table(rows: Sequence[dict[str, Any]]) -> str:
             spread = f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else ""
             cells.append(f"{mean:.4f}{spread}")
         wall = sum(r["train_wall_s"] for r in group) / len(group)
-        lines.append(f"| {config} | {label} | {len(group)} | {wall:.0f} | {' | '.join(cells)} |")
+        cpus = [r["train_cpu_s"] for r in group if "train_cpu_s" in r]
+        cpu = f"{sum(cpus) / len(cpus):.0f}" if len(cpus) == len(group) else "-"
+        lines.append(
+            f"| {config} | {label} | {steps} | {len(group)} | {cpu} | {wall:.0f} | {' | '.join(cells)} |"
+        )
     return "\n".join(lines)
 
 

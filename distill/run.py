@@ -98,6 +98,9 @@ def main(cfg: DistillConfig) -> dict:
         engine.print("feature distillation pairs (student stage -> teacher stage): " + str(pairs))
     model = DistillStudent(student, features)
 
+    from hybridvision.data.from_config import resolve_resize
+
+    engine.print(resolve_resize(d))
     train_tf, train_set, val_set = build_data(cfg)
     train_set, n_unlabelled = build_distill_train_set(d, train_set, train_tf, cfg.train.seed)
     if n_unlabelled:
@@ -258,6 +261,7 @@ def export_for_edge(cfg: DistillConfig, teacher, student, train_set, val_set, ou
             train_crop=tuple(d.image_size),
             eval_mode=cfg.eval.mode,
             window=tuple(cfg.eval.window),
+            resize=d.resize_scale,
             runs=e.report_runs,
             class_names=list(d.class_names) or None,
             max_eval_images=e.report_images or None,

@@ -25,8 +25,11 @@ if TYPE_CHECKING:
 __all__ = ["evaluate_segmenter", "build_predictor"]
 
 
-def build_predictor(model: nn.Module, eval_cfg: Any, num_classes: int) -> Predictor:
-    """A :class:`Predictor` from the ``eval.*`` config section (logits out, for the metrics)."""
+def build_predictor(
+    model: nn.Module, eval_cfg: Any, num_classes: int, resize: list[int] | None = None
+) -> Predictor:
+    """A :class:`Predictor` from the ``eval.*`` config section (logits out, for the metrics), at the
+    scale ``resize`` (``data.resize_scale``; predictions are mapped back to each image's size)."""
     from hybridvision.inference import Predictor
 
     return Predictor(
@@ -39,6 +42,7 @@ def build_predictor(model: nn.Module, eval_cfg: Any, num_classes: int) -> Predic
         batch_size=max(1, eval_cfg.batch_size),
         tta_flips=tuple(eval_cfg.tta_flips),
         output="logits",
+        resize=resize,
     )
 
 
@@ -57,15 +61,16 @@ def evaluate_segmenter(
     Returns:
         (metrics dict with ``class_names`` and per-class lists, grid (3, H, W) or None).
     """
-    from hybridvision.data.from_config import class_names
+    from hybridvision.data.from_config import class_names, resolve_resize
     from hybridvision.data.loader import iter_size_groups
     from hybridvision.metrics import ConfusionMatrix, per_sample_confusion
     from hybridvision.visualize import colorize, image_grid, to_display
 
     d = cfg.data
+    resolve_resize(d)  # a no-op after the stage resolved data.resize=auto
     was_training = model.training
     model.eval()
-    predictor = build_predictor(model, cfg.eval, d.num_classes)
+    predictor = build_predictor(model, cfg.eval, d.num_classes, d.resize_scale)
     cm = ConfusionMatrix(d.num_classes, d.ignore_index)
     rows: list[list[Tensor]] = []
     for batch in loader:

@@ -8,7 +8,8 @@ or 16-bit when there are more than 255 classes) and ``<id>_overlay.png`` (colour
 the image). ``<id>`` is the image's path relative to ``--input`` without its extension; where two
 inputs would share it (``x.png`` and ``x.jpg``) both keep their extension (``x_png``, ``x_jpg``).
 Images of any size are handled by the sliding window (default window: the training crop size
-recorded in the model). A ``.onnx`` model runs on onnxruntime without PyTorch
+recorded in the model), at the training scale recorded in the model (``data.resize``; the
+prediction is resized back to the image's size), or at ``--resize``. A ``.onnx`` model runs on onnxruntime without PyTorch
 (``hybridvision.deploy.runtime``), normalised as recorded in its metadata.
 
 Exit status: 0 when every image was written; 1 when some images could not be read (each is
@@ -32,6 +33,7 @@ from hybridvision.deploy.runtime import (  # noqa: E402
     UserError,
     check_predict_options,
     normalization_spec,
+    parse_resize,
     report_result,
     resolve_inputs,
     run_over_files,
@@ -53,6 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mode", choices=["slide", "whole"], default="slide", help="sliding window or whole image"
     )
     p.add_argument("--window", type=int, nargs=2, default=None, help="window H W (default: training crop)")
+    p.add_argument(
+        "--resize",
+        nargs="+",
+        default=None,
+        metavar="SIDE",
+        help="scale to predict at: SHORT [MAX_LONG] pixels or 'native' (default: the model's training "
+        "scale, data.resize)",
+    )
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction")
     p.add_argument(
         "--tta", nargs="*", default=[], choices=["h", "v", "hv"], help="flip test-time augmentation"
@@ -119,6 +129,7 @@ def _torch_predictor(args: argparse.Namespace):
         batch_size=args.batch_size,
         tta_flips=args.tta,
         output="logits",
+        resize=parse_resize(args.resize, data.get("resize")),
     )
 
     def read(path: Path) -> np.ndarray:
@@ -153,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
             args.batch_size,
             args.tta,
             args.threads,
+            resize=args.resize,
         )
         result = predictor.predict_files(files, root, out)
     else:

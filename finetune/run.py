@@ -48,12 +48,14 @@ def build_data(cfg: FinetuneConfig) -> tuple:
     """(training transform, training set, validation set or None) from the ``data``/``augment`` sections.
 
     Shared with ``distill/run.py``, so teacher and student data pipelines cannot drift apart.
+    ``data.resize=auto`` is resolved here (in place) if the caller has not done so.
     """
-    from hybridvision.data.from_config import build_labelled_datasets
+    from hybridvision.data.from_config import build_labelled_datasets, resolve_resize
     from hybridvision.data.transforms import build_seg_transforms
 
     d = cfg.data
     aug = cfg.augment
+    resolve_resize(d)
     train_tf = build_seg_transforms(
         True,
         d.image_size,
@@ -67,6 +69,7 @@ def build_data(cfg: FinetuneConfig) -> tuple:
         normalize=d.normalization,
         window=d.window,
         ignore_index=d.ignore_index,
+        resize=d.resize_scale,
     )
     eval_tf = build_seg_transforms(
         False,
@@ -119,6 +122,9 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
         if engine.resume_checkpoint is None:  # else the weights come from the checkpoint
             engine.print(report.summary())
 
+    from hybridvision.data.from_config import resolve_resize
+
+    engine.print(resolve_resize(d))
     train_tf, train_set, val_set = build_data(cfg)
     criterion = build_segmentation_loss(
         d.num_classes,

@@ -140,6 +140,9 @@ class DataConfig:
     val_ids: list[str] = field(default_factory=list)  # hold these ids of `split` out for evaluation
     in_chans: int = 3  # image channels given to the model
     image_size: tuple[int, int] = (64, 64)  # training crop size (H, W)
+    resize: list[int] | str = (
+        "auto"
+    )  # scale of training + evaluation: [short, max_long] px | native | auto (native if sizes agree, else [crop, 4*crop])
     num_classes: int = 4  # classes (1: binary with BCE); synthetic: shape classes incl. background
     class_names: list[str] = field(default_factory=list)  # names for logs and metrics.json
     ignore_index: int = 255  # mask value excluded from losses and metrics
@@ -163,6 +166,7 @@ class DataConfig:
         _non_negative(self, "num_workers", "synthetic_val_samples")
         if any(s <= 0 for s in self.image_size):
             raise field_error(self, "image_size", f"must be positive, got {self.image_size}")
+        self.resize = _check_resize(self, self.resize)
         classes = max(self.num_classes, 2)
         if self.class_names and len(self.class_names) != classes:
             raise field_error(
@@ -207,6 +211,16 @@ class DataConfig:
             )
 
     @property
+    def resize_scale(self) -> list[int] | None:
+        """``[short_side, max_long_side]`` to rescale to, or None for native sizes.
+
+        ``auto`` must have been resolved first (:func:`hybridvision.data.from_config.resolve_resize`).
+        """
+        if self.resize == "auto":
+            raise RuntimeError("data.resize=auto is resolved from the training images before use")
+        return None if self.resize == "native" else list(self.resize)
+
+    @property
     def normalization(self) -> str | tuple[list[float], list[float]]:
         """What transforms take as ``normalize``: ``(data.mean, data.std)`` if set, else ``data.normalize``."""
         return (list(self.mean), list(self.std)) if self.mean else self.normalize
@@ -238,6 +252,27 @@ def field_error(obj: Any, name: str, detail: str) -> ConfigError:
     :func:`load_config` and :func:`apply_overrides` rename it to the typed key, ``train.batch_size``.
     """
     return ConfigError(f"{type(obj).__name__}.{name} {detail}", field=name, detail=detail)
+
+
+def _check_resize(obj: Any, value: Any) -> list[int] | str:
+    """``data.resize`` as ``"auto"``, ``"native"`` or ``[short_side, max_long_side]`` (0: no limit)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("auto", "native"):
+            return text
+        if not text.isdigit():
+            raise field_error(
+                obj, "resize", f"must be auto, native, a short side or [short_side, max_long_side]; got {value!r}"
+            )
+        value = [int(text)]
+    values = [int(v) for v in value]
+    if len(values) not in (1, 2) or values[0] < 1 or (len(values) == 2 and values[1] < 0):
+        raise field_error(
+            obj, "resize", f"must be [short_side] or [short_side, max_long_side] with short_side >= 1; got {value}"
+        )
+    if len(values) == 2 and 0 < values[1] < values[0]:
+        raise field_error(obj, "resize", f"max_long_side {values[1]} is below short_side {values[0]}")
+    return values if len(values) == 2 else [values[0], 0]
 
 
 def _positive(obj: Any, *names: str) -> None:

@@ -34,8 +34,12 @@ from torch import Tensor, nn
 from .deploy.runtime import (
     METADATA_KEY,
     OnnxSegmenter,
+    _resize_bilinear,
+    _to_logits,
     labels_from_scores,
     normalization_spec,
+    rescaled_size,
+    resize_image,
 )
 from .deploy.runtime import predict_sliding_window as np_predict_sliding_window
 from .deploy.runtime import predict_whole as np_predict_whole
@@ -123,6 +127,15 @@ def _unwrap(model: nn.Module) -> Segmenter:
     return model
 
 
+def _recorded_resize(value: Any) -> list[int] | None:
+    """``data.resize`` of the run as the metadata's ``resize``: ``[short, max_long]`` or None (native).
+
+    ``auto`` is resolved by the stage before training; an unresolved one (a config written by hand)
+    cannot be known here and is recorded as native.
+    """
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) and value else None
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -174,6 +187,7 @@ def export_onnx(
         "normalization": normalization_spec(data, in_chans),
         "size_divisor": int(seg.encoder.size_divisor),
         "train_crop": list(crop),
+        "resize": _recorded_resize(data.get("resize")),
         "ignore_index": int(ignore_index if ignore_index is not None else data.get("ignore_index", 255)),
         "model": seg.build_kwargs,
         "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32"},
@@ -499,6 +513,7 @@ def deployment_report(
     threads: int = 1,
     class_names: Sequence[str] | None = None,
     max_eval_images: int | None = None,
+    resize: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Compare models for deployment and write ``report.json``, ``report.md`` and ``report.png``.
 
@@ -518,6 +533,8 @@ def deployment_report(
         threads: CPU threads for both PyTorch and onnxruntime.
         class_names: for the per-class IoU in the JSON.
         max_eval_images: evaluate on the first N samples only.
+        resize: evaluation scale ``[short_side, max_long_side]`` (``data.resize``): every model
+            predicts each image rescaled to it, scores resized back to the mask; None: native.
 
     Returns:
         The report dict (also written to ``report.json``).
@@ -609,8 +626,11 @@ def deployment_report(
             # accuracy
             cm = ConfusionMatrix(num_classes, ignore_index, class_names=class_names)
             for sample in samples:
-                img = _as_array(sample["image"]).astype(np.float32)[None]
-                s = scores(img)
+                img = _as_array(sample["image"]).astype(np.float32)
+                size = rescaled_size(*img.shape[-2:], resize)
+                s = scores(resize_image(img, size)[None])
+                if size != tuple(img.shape[-2:]):  # as the runtime's OnnxPredictor does
+                    s = _resize_bilinear(_to_logits(s), img.shape[-2:])
                 cm.update(
                     torch.from_numpy(labels_from_scores(s)),
                     torch.as_tensor(np.array(_as_array(sample["mask"]), dtype=np.int64))[None],
@@ -626,6 +646,7 @@ def deployment_report(
             "images": len(samples),
             "mode": eval_mode,
             "window": list(win) if eval_mode == "slide" else None,
+            "resize": list(resize) if resize else None,
         },
         "threads": threads,
         "cpu": _cpu_name(),

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .deploy.runtime import rescaled_size
+
 __all__ = ["Predictor", "gaussian_window", "predict_sliding_window", "predict_whole", "window_starts"]
 
 Model = Callable[[Tensor], Tensor]
@@ -67,6 +69,11 @@ def _scores(model: Model, images: Tensor, num_classes: int | None, tta_flips: Se
         scores = scores.flip(dims) if dims else scores
         total = scores if total is None else total + scores
     return total / len(views)
+
+
+def _finish_logits(logits: Tensor) -> Tensor:
+    """Probabilities from :func:`_finish`'s logits (sigmoid for K = 1, softmax for K >= 2)."""
+    return logits.sigmoid() if logits.shape[1] == 1 else logits.softmax(dim=1)
 
 
 def _finish(scores: Tensor, output: Output) -> Tensor:
@@ -224,6 +231,11 @@ class Predictor:
         overlap, blend, batch_size: sliding-window settings (see :func:`predict_sliding_window`).
         tta_flips: flipped views averaged with the plain one (``"h"``, ``"v"``, ``"hv"``).
         output: ``"probs"`` or ``"logits"``.
+        resize: ``[short_side, max_long_side]``: each image is rescaled to this scale
+            (:func:`~hybridvision.deploy.runtime.rescaled_size`; bilinear, antialiased), predicted
+            (whole or sliding window at that scale), and its logits are resized back (bilinear) to
+            the image's own size before probabilities or labels are taken, as MMSegmentation's
+            ``Resize(keep_ratio=True)`` test pipeline. None: predict at the given size.
     """
 
     def __init__(
@@ -237,6 +249,7 @@ class Predictor:
         batch_size: int = 8,
         tta_flips: Sequence[str] = (),
         output: Output = "probs",
+        resize: Sequence[int] | None = None,
     ) -> None:
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
@@ -254,11 +267,25 @@ class Predictor:
         self.batch_size = batch_size
         self.tta_flips = tuple(tta_flips)
         self.output = output
+        if resize is not None and (len(resize) not in (1, 2) or int(resize[0]) < 1):
+            raise ValueError(f"resize must be [short_side] or [short_side, max_long_side], got {resize}")
+        self.resize = [int(v) for v in resize] if resize else None
 
     def __call__(self, images: Tensor) -> Tensor:
         """Predict (B, K, H, W) probabilities or logits for images (B, C, H, W)."""
+        height, width = images.shape[-2:]
+        size = rescaled_size(height, width, self.resize)
+        if size == (height, width):
+            return self._predict(images, self.output)
+        x = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        logits = F.interpolate(
+            self._predict(x, "logits"), size=(height, width), mode="bilinear", align_corners=False
+        )
+        return logits if self.output == "logits" else _finish_logits(logits)
+
+    def _predict(self, images: Tensor, output: Output) -> Tensor:
         if self.mode == "whole":
-            return predict_whole(self.model, images, self.num_classes, self.tta_flips, self.output)
+            return predict_whole(self.model, images, self.num_classes, self.tta_flips, output)
         return predict_sliding_window(
             self.model,
             images,
@@ -268,7 +295,7 @@ class Predictor:
             batch_size=self.batch_size,
             num_classes=self.num_classes,
             tta_flips=self.tta_flips,
-            output=self.output,
+            output=output,
         )
 
     def predict_labels(self, images: Tensor) -> Tensor:

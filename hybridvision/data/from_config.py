@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,23 @@ __all__ = [
     "build_unlabelled_dataset",
     "build_labelled_datasets",
     "class_names",
+    "image_sizes",
+    "auto_resize",
+    "resolve_resize",
     "SYNTHETIC_VAL_SEED_OFFSET",
 ]
+
+#: ``data.resize=auto``: sizes within this ratio of each other count as one scale (kept native)
+SAME_SCALE_RATIO = 1.25
+#: ``data.resize=auto``: training images whose sizes are probed (evenly spaced over the split)
+SIZE_PROBE_LIMIT = 1000
 
 #: the synthetic evaluation set uses ``seed + offset`` so it never repeats training images
 SYNTHETIC_VAL_SEED_OFFSET = 100_003
 
 Transform = Callable[[dict], Any]
+
+logger = logging.getLogger(__name__)
 
 
 def source_kind(source: str) -> str:
@@ -210,3 +221,98 @@ def class_names(cfg: DataConfig) -> list[str]:
 
         return ["background"] + [c.name for c in SHAPE_CLASSES[: size - 1]]
     return [f"class_{i}" for i in range(size)]
+
+
+def _evenly(items: list[Any], limit: int) -> list[Any]:
+    if len(items) <= limit:
+        return items
+    return [items[round(i * (len(items) - 1) / (limit - 1))] for i in range(limit)]
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) of an image file from its header (no decoding); None if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except Exception:  # noqa: BLE001 - e.g. multi-band TIFFs PIL cannot open: decode them
+        from .io import READ_ERRORS, read_image
+
+        try:
+            image = read_image(path, 1)
+        except READ_ERRORS:
+            return None  # a broken file: the dataset names it (data.on_bad_file)
+        return int(image.shape[-2]), int(image.shape[-1])
+
+
+def image_sizes(cfg: DataConfig, limit: int = SIZE_PROBE_LIMIT) -> list[tuple[int, int]] | None:
+    """(H, W) of up to ``limit`` training images (evenly spaced), or None where sizes are not known
+    without reading the stream (streaming sources). The synthetic set has one size."""
+    kind = source_kind(cfg.source)
+    if kind == "synthetic":
+        return [(int(cfg.image_size[0]), int(cfg.image_size[1]))]  # every sample has this size
+    if kind in ("folder", "image_folder"):
+        from .io import IMAGE_EXTENSIONS, list_files
+
+        root = Path(cfg.source) / "images" / cfg.split if kind == "folder" else Path(cfg.source)
+        files = list_files(root, IMAGE_EXTENSIONS, recursive=kind == "image_folder") if root.is_dir() else []
+        held_out = {str(i) for i in cfg.val_ids}
+        files = [f for f in files if f.stem not in held_out]
+        sizes = [s for s in map(_header_size, _evenly(files, limit)) if s is not None]
+        return sizes or None
+    if cfg.streaming:
+        return None
+    from .hf import _load, _to_image
+
+    dataset = _load(cfg.source, cfg.split, False, None, None)
+    if cfg.image_column not in dataset.column_names:
+        return None  # the dataset build names the missing column
+    column = dataset.select_columns([cfg.image_column])
+    sizes = []
+    for index in _evenly(list(range(len(column))), min(limit, 256)):  # rows are decoded: fewer
+        value = column[index][cfg.image_column]
+        if hasattr(value, "size") and hasattr(value, "height"):  # PIL image
+            sizes.append((value.height, value.width))
+        else:
+            image = _to_image(value, cfg.in_chans, f"row {index}")
+            sizes.append((int(image.shape[-2]), int(image.shape[-1])))
+    return sizes or None
+
+
+def auto_resize(sizes: list[tuple[int, int]] | None, crop: tuple[int, int]) -> list[int] | None:
+    """The scale ``data.resize=auto`` picks: None (native) when the images share one scale (every
+    short side and every long side within :data:`SAME_SCALE_RATIO` of each other, e.g. equal-size
+    slices), else ``[min(crop), 4 * max(crop)]``: each image's short side becomes the crop's, so a
+    crop sees about the whole image at the base scale (MMSegmentation's convention: ADE20K's
+    ``scale=(2048, 512)`` with 512 crops)."""
+    if not sizes:
+        return None
+    shorts = [min(s) for s in sizes]
+    longs = [max(s) for s in sizes]
+    if max(shorts) <= SAME_SCALE_RATIO * min(shorts) and max(longs) <= SAME_SCALE_RATIO * min(longs):
+        return None
+    return [min(crop), 4 * max(crop)]
+
+
+def resolve_resize(cfg: DataConfig) -> str:
+    """Replace ``data.resize=auto`` by the scale it stands for (in place); returns a log line.
+
+    The resolved value is what the run config, the exported model and ``predict.py`` record, so
+    evaluation and prediction use the training scale.
+    """
+    if cfg.resize != "auto":
+        return f"data.resize={cfg.resize}"
+    sizes = image_sizes(cfg)
+    scale = auto_resize(sizes, tuple(cfg.image_size))
+    cfg.resize = scale if scale is not None else "native"
+    if sizes is None:
+        return "data.resize=auto -> native (image sizes are not known up front)"
+    shorts, longs = [min(s) for s in sizes], [max(s) for s in sizes]
+    seen = f"short sides {min(shorts)}-{max(shorts)} px, long sides {min(longs)}-{max(longs)} px over {len(sizes)} images"
+    if scale is None:
+        return f"data.resize=auto -> native ({seen}: one scale)"
+    return (
+        f"data.resize=auto -> {scale} ({seen}): each image's short side becomes the crop's "
+        f"{scale[0]} px (long side at most {scale[1]}); set data.resize=native to train at native sizes"
+    )

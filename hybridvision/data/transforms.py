@@ -16,11 +16,14 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from ..deploy.runtime import rescaled_size
+
 __all__ = [
     "AlignedResize",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PerImageNormalize",
+    "RandomResize",
     "RandomRot90",
     "RandomScale",
     "Window",
@@ -122,28 +125,47 @@ class AlignedResize(v2.Transform):
         return _resize(inpt, self.size)
 
 
-class RandomScale(v2.Transform):
+class RandomResize(v2.Transform):
+    """Rescale image and mask to a fixed scale, then by a random ratio (MMSegmentation's
+    ``RandomResize(scale, ratio_range, keep_ratio=True)``), in one resampling.
+
+    The target is :func:`~hybridvision.deploy.runtime.rescaled_size` of the sample at
+    ``resize = [short_side, max_long_side]`` (``None``: the sample's own size), times a ratio
+    drawn uniformly from ``ratio_range``; the aspect ratio is kept.
+
+    Args:
+        resize: ``[short_side, max_long_side]`` (0 or absent: no long-side limit), or None.
+        ratio_range: ``(low, high)`` of the random ratio.
+    """
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
+
+    def __init__(self, resize: Sequence[int] | None, ratio_range: tuple[float, float]) -> None:
+        super().__init__()
+        if not 0 < ratio_range[0] <= ratio_range[1]:
+            raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {ratio_range}")
+        self.resize = [int(v) for v in resize] if resize else None
+        self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = rescaled_size(*F.get_size(flat_inputs[0]), self.resize)
+        low, high = self.ratio_range
+        ratio = low + float(torch.rand(())) * (high - low)
+        return {"size": [max(1, round(height * ratio)), max(1, round(width * ratio))]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return _resize(inpt, params["size"])
+
+
+class RandomScale(RandomResize):
     """Resize image and mask by one random factor relative to their own size.
 
     Args:
         scale: Range ``(low, high)`` of the factor, drawn uniformly.
     """
 
-    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
-
     def __init__(self, scale: tuple[float, float]) -> None:
-        super().__init__()
-        if not 0 < scale[0] <= scale[1]:
-            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
-        self.scale = (float(scale[0]), float(scale[1]))
-
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        height, width = F.get_size(flat_inputs[0])
-        factor = self.scale[0] + float(torch.rand(())) * (self.scale[1] - self.scale[0])
-        return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        return _resize(inpt, params["size"])
+        super().__init__(None, scale)
 
 
 def build_seg_transforms(
@@ -160,19 +182,23 @@ def build_seg_transforms(
     normalize: Normalize = "imagenet",
     window: tuple[float, float] | None = None,
     ignore_index: int = 255,
+    resize: Sequence[int] | None = None,
 ) -> v2.Compose:
     """Build the train or eval transform for segmentation samples.
 
-    Train: window -> random 90-degree rotation -> random scale -> random crop to ``size`` (image
-    padded with 0, mask with ``ignore_index``) -> flips -> elastic -> colour jitter ->
-    normalisation. Eval: window -> resize to ``size`` (if given) -> normalisation.
+    Train: window -> random 90-degree rotation -> rescale to ``resize`` times a random ratio in
+    ``scale`` -> random crop to ``size`` (image padded with 0, mask with ``ignore_index``) -> flips
+    -> elastic -> colour jitter -> normalisation. Eval: window -> resize to ``size`` (if given) ->
+    normalisation (evaluation at the ``resize`` scale happens in
+    :class:`hybridvision.inference.Predictor`, which maps predictions back to the original size).
 
     Args:
         train: Training (random augmentation) or evaluation pipeline.
         size: Output (H, W): crop size when training, resize target when evaluating. None keeps
             the input size (training then skips scale and crop).
         in_chans: Image channels; decides the normalisation statistics and colour jitter.
-        scale: Random rescaling range, relative to the input size (training).
+        scale: Random rescaling range (training), relative to the ``resize`` scale, or to the
+            input's own size when ``resize`` is None.
         hflip: Random horizontal flip (training).
         vflip: Random vertical flip (training).
         rot90: Random rotation by k * 90 degrees (training; with non-square inputs the crop
@@ -187,6 +213,8 @@ def build_seg_transforms(
         window: ``(center, width)`` intensity window on raw values (e.g. CT Hounsfield units),
             applied first; None disables.
         ignore_index: Mask value for pixels created by padding or deformation.
+        resize: Training scale ``[short_side, max_long_side]`` (see :class:`RandomResize`); None:
+            each image's native size.
 
     Returns:
         A ``v2.Compose`` taking and returning a sample dict.
@@ -199,7 +227,7 @@ def build_seg_transforms(
         if rot90:
             steps.append(RandomRot90())
         if size is not None:
-            steps.append(RandomScale(scale))
+            steps.append(RandomResize(resize, scale))
             steps.append(v2.RandomCrop(size, pad_if_needed=True, fill=fill))
         if hflip:
             steps.append(v2.RandomHorizontalFlip())

@@ -45,7 +45,10 @@ __all__ = [
     "predict_sliding_window",
     "predict_whole",
     "read_image",
+    "parse_resize",
     "read_metadata",
+    "rescaled_size",
+    "resize_image",
     "save_mask",
     "window_starts",
 ]
@@ -294,6 +297,57 @@ class OnnxSegmenter:
 # --------------------------------------------------------------------------- inference (numpy port)
 
 
+def rescaled_size(height: int, width: int, resize: Sequence[int] | None) -> tuple[int, int]:
+    """(H, W) of an image rescaled to the scale ``resize = [short_side, max_long_side]``, aspect kept.
+
+    The short side becomes ``short_side`` unless the long side would then exceed ``max_long_side``
+    (0: no limit), in which case the long side becomes ``max_long_side`` (MMSegmentation's
+    ``Resize(scale=(long, short), keep_ratio=True)``). ``None`` keeps the size. Shared by training
+    (:class:`hybridvision.data.transforms.RandomResize`), evaluation
+    (:class:`hybridvision.inference.Predictor`) and this runtime, so all three agree.
+    """
+    if not resize:
+        return int(height), int(width)
+    short, long_max = int(resize[0]), int(resize[1]) if len(resize) > 1 else 0
+    factor = short / min(height, width)
+    if long_max and max(height, width) * factor > long_max:
+        factor = long_max / max(height, width)
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+def parse_resize(option: Sequence[str] | None, recorded: Any = None) -> list[int] | None:
+    """The prediction scale: ``--resize`` (``SHORT [MAX_LONG]`` or ``native``) if given, else the
+    model's recorded ``data.resize`` (a list, ``"native"`` or absent). None: native size."""
+    if option:
+        if len(option) == 1 and str(option[0]).lower() == "native":
+            return None
+        try:
+            values = [int(v) for v in option]
+        except ValueError:
+            values = []
+        if len(values) not in (1, 2) or values[0] < 1 or (len(values) == 2 and values[1] < 0):
+            raise UserError(f"--resize {' '.join(map(str, option))}: give SHORT [MAX_LONG] pixels or 'native'")
+        return values
+    if isinstance(recorded, (list, tuple)) and recorded:
+        return [int(v) for v in recorded]
+    return None
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(C, H, W) float32 -> (C, h, w): Pillow's bilinear filter, antialiased when shrinking.
+
+    ``torch``'s ``interpolate(mode="bilinear", antialias=True)`` (what training and
+    :class:`hybridvision.inference.Predictor` use) follows the same filter.
+    """
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(c, dtype=np.float32)).resize((size[1], size[0]), Image.BILINEAR))
+        for c in image
+    ]
+    return np.stack(channels).astype(np.float32)
+
+
 def _softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
@@ -315,6 +369,11 @@ def _resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         frac = frac.reshape(shape)
         out = np.take(out, lo, axis=axis) * (1 - frac) + np.take(out, hi, axis=axis) * frac
     return out
+
+
+def _to_logits(scores: np.ndarray) -> np.ndarray:
+    """Scores of :func:`_scores` as logits: K = 1 already are; K >= 2 probabilities -> log."""
+    return scores if scores.shape[1] == 1 else np.log(np.maximum(scores, np.finfo(np.float32).tiny))
 
 
 def _scores(model: Callable, images: np.ndarray, tta_flips: Sequence[str]) -> np.ndarray:
@@ -508,6 +567,8 @@ class OnnxPredictor:
         batch_size: windows per forward pass.
         tta_flips: flipped views (``"h"``, ``"v"``, ``"hv"``).
         threads: onnxruntime intra-op threads.
+        resize: ``SHORT [MAX_LONG]`` or ``["native"]`` (the ``--resize`` option); None: the training
+            scale in the metadata (``resize``), as :class:`hybridvision.inference.Predictor`.
     """
 
     def __init__(
@@ -520,6 +581,7 @@ class OnnxPredictor:
         batch_size: int = 8,
         tta_flips: Sequence[str] = (),
         threads: int | None = None,
+        resize: Sequence[str] | None = None,
     ) -> None:
         check_predict_options(mode, window, overlap, batch_size, tta_flips)
         self.segmenter = OnnxSegmenter(model, threads)
@@ -531,16 +593,23 @@ class OnnxPredictor:
         self.in_chans, self.num_classes = self.segmenter.in_chans, self.segmenter.num_classes
         self.ignore_index = int(meta.get("ignore_index", 255))
         self.normalization = meta["normalization"]
+        self.resize = parse_resize(resize, meta.get("resize"))
 
     def predict_labels(self, image: np.ndarray) -> np.ndarray:
         """Labels (H, W) int64 of one raw image (C, H, W) as read by :func:`read_image`."""
-        x = normalize_image(image, self.normalization)[None]
+        x = normalize_image(image, self.normalization)
+        height, width = x.shape[-2:]
+        size = rescaled_size(height, width, self.resize)
+        x = resize_image(x, size)[None]
         if self.mode == "whole":
             scores = predict_whole(self.segmenter, x, self.tta_flips)
         else:
             scores = predict_sliding_window(
                 self.segmenter, x, self.window, self.overlap, self.blend, self.batch_size, self.tta_flips
             )
+        if size != (height, width):  # back to the image's size, as logits (torch Predictor's rule)
+            scores = _resize_bilinear(_to_logits(scores), (height, width))
+            return labels_from_scores(scores if scores.shape[1] == 1 else _softmax(scores))[0]
         return labels_from_scores(scores)[0]
 
     def predict_files(self, files: Sequence[Path], root: Path | None, output: Path) -> PredictResult:
@@ -644,6 +713,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=["slide", "whole"], default="slide")
     p.add_argument("--window", type=int, nargs=2, default=None, help="window H W (default: training crop)")
     p.add_argument("--overlap", type=float, default=0.25)
+    p.add_argument(
+        "--resize", nargs="+", default=None, metavar="SIDE",
+        help="scale: SHORT [MAX_LONG] pixels or 'native' (default: the training scale in the metadata)",
+    )  # fmt: skip
     p.add_argument("--tta", nargs="*", default=[], choices=["h", "v", "hv"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
@@ -663,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
             args.batch_size,
             args.tta,
             args.threads,
+            resize=args.resize,
         )
         files, root = resolve_inputs(Path(args.input))
         return report_result(predictor.predict_files(files, root, Path(args.output)), Path(args.output))
