@@ -135,6 +135,8 @@ def run_one(name: str, cfg: FinetuneConfig) -> dict[str, Any]:
         label = f"ours ({arch}{decoder}, {'from ' + cfg.model.init if cfg.model.init else 'scratch'})"
     else:
         label = name
+    if cfg.data.resize != "native":  # resolved by the stage: a fixed scale for varying-size folders
+        label = f"{label} (data.resize={cfg.data.resize})"
     return {
         "model": name,
         "label": label,

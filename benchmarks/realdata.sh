@@ -11,6 +11,8 @@
 #   bash benchmarks/realdata.sh capacity  # part 5: ISBI, U-Net decoder with image skips, hybrid_nano/tiny (~10 min)
 #   bash benchmarks/realdata.sh longer  # part 6: CamVid with 10x the pretraining (~20 min)
 #   bash benchmarks/realdata.sh distill # part 7: teachers, then students alone / +kd / +cwd / +dist / +feature / best, 2 seeds
+#   bash benchmarks/realdata.sh scale   # part 8: data.resize settings on CamVid rescaled to 64-1024 px (~10 min)
+#   bash benchmarks/realdata.sh default # part 9: the fine-tuning default vs smp U-Net-R18 at equal CPU seconds (~40 min)
 #
 # Needs ../shared/data/{isbi2012_em,camvid} and segmentation-models-pytorch (pip install -e ".[bench]").
 # Budgets (hybrid_nano, 100 pretraining steps of 16 images, 200 fine-tuning steps of 8 crops of
@@ -205,6 +207,42 @@ if [ "$PART" = all ] || [ "$PART" = distill ] || [ "$PART" = distill_students ];
     python benchmarks/distill.py --summarize "$RES" | tee "$RES/distill_summary.md"
 fi
 
+# Part 8: scale handling for a folder of photos of widely varying size. CamVid with every image
+# rescaled to a random short side in 64-1024 px (benchmarks/make_varsize.py; 367 train, 100 test
+# images), the camvid_scratch fine-tune with data.resize left at auto (-> [128, 512]), native sizes,
+# and three fixed scales; seed 0, hybrid_nano (the comparison is between scales, not models).
+if [ "$PART" = all ] || [ "$PART" = scale ]; then
+    rm -rf runs/realdata/camvid_varsize runs/realdata/varsize_*  # fresh runs, not resumed ones
+    python benchmarks/make_varsize.py ../shared/data/camvid runs/realdata/camvid_varsize
+    for resize in auto native "[96, 384]" "[192, 768]" "[256, 1024]"; do
+        tag=$(echo "$resize" | tr -d '[] ' | cut -d, -f1)
+        timed "varsize_camvid_$tag" python benchmarks/peers_seg.py --config configs/finetune/camvid_scratch.yaml \
+            data.source=runs/realdata/camvid_varsize "data.resize=$resize" \
+            --output-root runs/realdata/varsize_$tag --json "$RES/varsize_camvid_$tag.json" --models ours
+    done
+    python benchmarks/peers_seg.py --summarize "$RES"/varsize_camvid_*.json | tee "$RES/varsize_summary.md"
+fi
+
+# Part 9: the fine-tuning default (sequential_unet_tiny: ResNet stages + global attention at
+# stride 32 + U-Net decoder) against smp's U-Net-R18 at equal CPU seconds, same pipeline: the
+# U-Net gets the configs' 200 steps, ours the steps that take the same CPU time (420; the
+# "train CPU (s)" column shows the match), 2 seeds each.
+if [ "$PART" = all ] || [ "$PART" = default ]; then
+    rm -rf runs/realdata/default_seed*
+    for ds in isbi camvid; do
+        for seed in 0 1; do
+            timed "default_${ds}_smp_seed$seed" python benchmarks/peers_seg.py --config "configs/finetune/${ds}_scratch.yaml" \
+                train.seed=$seed --output-root runs/realdata/default_seed$seed \
+                --json "$RES/default_${ds}_smp_seed$seed.json" --models smp_unet_resnet18
+            timed "default_${ds}_ours_seed$seed" python benchmarks/peers_seg.py --config "configs/finetune/${ds}_scratch.yaml" \
+                model.name=sequential_unet_tiny train.max_steps=420 train.seed=$seed --output-root runs/realdata/default_seed$seed \
+                --json "$RES/default_${ds}_ours_seed$seed.json" --models ours
+        done
+    done
+    python benchmarks/peers_seg.py --summarize "$RES"/default_*.json | tee "$RES/default_summary.md"
+fi
+
 shopt -s nullglob
 case "$PART" in distill*) exit 0 ;; esac  # the distillation parts print their own table
+case "$PART" in scale | default) exit 0 ;; esac  # so do these
 python benchmarks/peers_seg.py --summarize "$RES"/isbi_*.json "$RES"/camvid_*.json | tee "$RES/summary.md"

@@ -9,15 +9,17 @@ from hybridvision.config import ConfigError, DataConfig, OptimConfig, TrainConfi
 
 #: where ``model.init=auto`` looks for an encoder (the default output of pretrain/run.py)
 DEFAULT_PRETRAINED_ENCODER = "runs/pretrain/encoder"
-#: architecture used when neither model.name nor model.init names one
-FALLBACK_MODEL = "hybrid_nano"
+#: architecture used when neither model.name nor model.init names one: ResNet stages + global
+#: attention at stride 32 + U-Net decoder, chosen by benchmarks/realdata.sh (ISBI and CamVid at
+#: equal CPU seconds against smp's U-Net-R18); ``model.name=hybrid_nano`` is the fast preset
+FALLBACK_MODEL = "sequential_unet_tiny"
 
 
 @dataclass
 class FinetuneModelConfig:
     """The segmenter and where its weights start from."""
 
-    name: str = ""  # segmenter preset or encoder name ('' = the encoder in model.init, else hybrid_nano)
+    name: str = ""  # segmenter preset or encoder name ('' = the encoder in model.init, else sequential_unet_tiny)
     init: str = "auto"  # auto | '' (scratch) | encoder/model dir | hub id | timm weights file
     init_strict: bool = True  # shape mismatches are errors (false: skip and list them)
     decoder: str = ""  # decoder name ('' = the preset's, or segformer_mlp)

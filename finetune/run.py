@@ -35,6 +35,29 @@ def resolve_init(cfg: FinetuneConfig) -> str:
     return init
 
 
+def default_model_name(init: str) -> str:
+    """``model.name`` when none is given: the default preset, also for an encoder of its kind in
+    ``init`` (so it keeps the preset's decoder); '' where ``init`` names another architecture."""
+    from hybridvision.models.registry import list_segmenters, segmenter_spec
+
+    if not init:
+        return FALLBACK_MODEL
+    config = Path(init) / "config.json"
+    if not config.is_file():
+        return ""
+    import json
+
+    try:
+        meta = json.loads(config.read_text()).get("hybridvision", {})
+    except (OSError, ValueError):
+        return ""  # build_segmenter names the unreadable file
+    is_encoder = meta.get("kind") == "encoder"
+    if is_encoder and FALLBACK_MODEL in list_segmenters():
+        if meta.get("build", {}).get("name") == segmenter_spec(FALLBACK_MODEL).encoder:
+            return FALLBACK_MODEL
+    return ""
+
+
 def scheduled_size(cfg: FinetuneConfig, step: int) -> int | None:
     """Side length of the progressive-resizing schedule at ``step`` (None: no schedule)."""
     side = None
@@ -108,7 +131,7 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
     init = resolve_init(cfg) if model is None else "external"
     exportable = model is None
     if model is None:
-        name = cfg.model.name or ("" if init else FALLBACK_MODEL)
+        name = cfg.model.name or default_model_name(init)
         model, report = build_segmenter(
             name,
             d.num_classes,

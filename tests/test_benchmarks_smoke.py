@@ -96,6 +96,7 @@ def test_peers_seg_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture[
     for row in rows:
         assert row["resolved_config"]["train"]["seed"] == 3
         assert row["params"] > 0 and 0.0 <= row["metrics"]["miou"] <= 1.0
+        assert row["steps"] == 2 and 0 < row["train_cpu_s"] < 10 * row["train_wall_s"] + 10
         assert len(row["metrics"]["iou"]) == 2  # binary: background + foreground
         assert (Path(row["output_dir"]) / "metrics.json").is_file()
     assert rows[0]["label"] == "ours (hybrid_nano, scratch)"
@@ -103,7 +104,7 @@ def test_peers_seg_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert bench.main(["--summarize", str(result)]) == 0
     out = capsys.readouterr().out
     assert "| tiny | ours (hybrid_nano, scratch) | 3 |" in out
-    assert "Mean over seeds" in out and "| tiny | hf_segformer_b0 | 1 |" in out
+    assert "Mean over seeds" in out and "| tiny | hf_segformer_b0 | 2 | 1 |" in out  # steps, runs
 
 
 @pytest.mark.slow

@@ -243,6 +243,9 @@ SEGMENTER_PRESETS: dict[str, SegmenterSpec] = {
     ),
     "unet_resnet18": SegmenterSpec(encoder="resnet18", decoder="unet"),
     "unet_resnet34": SegmenterSpec(encoder="resnet34", decoder="unet"),
+    # the fine-tuning default: ResNet basic blocks at strides 4-32, global attention refining the
+    # stride-32 map (TransUNet / BoTNet style), the U-Net decoder up to stride 1 (benchmarks/realdata.sh)
+    "sequential_unet_tiny": SegmenterSpec(encoder="sequential_tiny", decoder="unet"),
     "unet_resnet_nano": SegmenterSpec(
         encoder="resnet_nano", decoder="unet", decoder_kwargs={"decoder_channels": (64, 32, 16, 16)}
     ),
