@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             size = (max(1, round(w * k)), max(1, round(h * k)))
             image.resize(size, Image.BILINEAR).save(dst / "images" / split / f"{f.stem}.jpg", quality=95)
             mask.resize(size, Image.NEAREST).save(dst / "masks" / split / f"{f.stem}.png")
-        print(f"{split}: {len(files)} images, short sides {args.min}-{args.max} px -> {dst / 'images' / split}")
+        print(
+            f"{split}: {len(files)} images, short sides {args.min}-{args.max} px -> {dst / 'images' / split}"
+        )
     return 0
 
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path

@@ -19,7 +19,7 @@ FALLBACK_MODEL = "sequential_unet_tiny"
 class FinetuneModelConfig:
     """The segmenter and where its weights start from."""
 
-    name: str = ""  # segmenter preset or encoder name ('' = the encoder in model.init, else sequential_unet_tiny)
+    name: str = ""  # preset or encoder ('' = the encoder in model.init, else sequential_unet_tiny)
     init: str = "auto"  # auto | '' (scratch) | encoder/model dir | hub id | timm weights file
     init_strict: bool = True  # shape mismatches are errors (false: skip and list them)
     decoder: str = ""  # decoder name ('' = the preset's, or segformer_mlp)

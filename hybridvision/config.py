@@ -140,9 +140,7 @@ class DataConfig:
     val_ids: list[str] = field(default_factory=list)  # hold these ids of `split` out for evaluation
     in_chans: int = 3  # image channels given to the model
     image_size: tuple[int, int] = (64, 64)  # training crop size (H, W)
-    resize: list[int] | str = (
-        "auto"
-    )  # scale of training + evaluation: [short, max_long] px | native | auto (native if sizes agree, else [crop, 4*crop])
+    resize: list[int] | str = "auto"  # scale: [short, max_long] px | native | auto (native if sizes agree)
     num_classes: int = 4  # classes (1: binary with BCE); synthetic: shape classes incl. background
     class_names: list[str] = field(default_factory=list)  # names for logs and metrics.json
     ignore_index: int = 255  # mask value excluded from losses and metrics
@@ -262,13 +260,17 @@ def _check_resize(obj: Any, value: Any) -> list[int] | str:
             return text
         if not text.isdigit():
             raise field_error(
-                obj, "resize", f"must be auto, native, a short side or [short_side, max_long_side]; got {value!r}"
+                obj,
+                "resize",
+                f"must be auto, native, a short side or [short_side, max_long_side]; got {value!r}",
             )
         value = [int(text)]
     values = [int(v) for v in value]
     if len(values) not in (1, 2) or values[0] < 1 or (len(values) == 2 and values[1] < 0):
         raise field_error(
-            obj, "resize", f"must be [short_side] or [short_side, max_long_side] with short_side >= 1; got {value}"
+            obj,
+            "resize",
+            f"must be [short_side] or [short_side, max_long_side] with short_side >= 1; got {value}",
         )
     if len(values) == 2 and 0 < values[1] < values[0]:
         raise field_error(obj, "resize", f"max_long_side {values[1]} is below short_side {values[0]}")

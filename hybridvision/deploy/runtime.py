@@ -326,7 +326,9 @@ def parse_resize(option: Sequence[str] | None, recorded: Any = None) -> list[int
         except ValueError:
             values = []
         if len(values) not in (1, 2) or values[0] < 1 or (len(values) == 2 and values[1] < 0):
-            raise UserError(f"--resize {' '.join(map(str, option))}: give SHORT [MAX_LONG] pixels or 'native'")
+            raise UserError(
+                f"--resize {' '.join(map(str, option))}: give SHORT [MAX_LONG] pixels or 'native'"
+            )
         return values
     if isinstance(recorded, (list, tuple)) and recorded:
         return [int(v) for v in recorded]
@@ -342,7 +344,11 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     channels = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(c, dtype=np.float32)).resize((size[1], size[0]), Image.BILINEAR))
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(c, dtype=np.float32)).resize(
+                (size[1], size[0]), Image.BILINEAR
+            )
+        )
         for c in image
     ]
     return np.stack(channels).astype(np.float32)

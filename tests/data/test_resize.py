@@ -40,7 +40,13 @@ def test_rescaled_size(hw, resize, expected):
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("auto", "auto"), ("native", "native"), ("256", [256, 0]), ("[256, 1024]", [256, 1024]), ("[96]", [96, 0])],
+    [
+        ("auto", "auto"),
+        ("native", "native"),
+        ("256", [256, 0]),
+        ("[256, 1024]", [256, 1024]),
+        ("[96]", [96, 0]),
+    ],
 )
 def test_config_values(value, expected):
     assert load_config(DataConfig, None, [f"resize={value}"]).resize == expected
@@ -54,7 +60,7 @@ def test_bad_config_values_name_the_key(value):
 
 def test_unresolved_auto_is_not_used_silently():
     with pytest.raises(RuntimeError, match="auto"):
-        DataConfig().resize_scale
+        _ = DataConfig().resize_scale
 
 
 def _sample(h, w, seed=0):
@@ -72,7 +78,9 @@ def test_random_resize_is_one_resize_to_the_scale_times_the_ratio():
     ratio = 0.5 + float(torch.rand(())) * 1.5  # the draw RandomResize makes
     size = [round(150 * ratio), round(200 * ratio)]
     assert list(out["image"].shape[-2:]) == size and list(out["mask"].shape) == size
-    expected = F.interpolate(sample["image"][None], size, mode="bilinear", antialias=True, align_corners=False)[0]
+    expected = F.interpolate(
+        sample["image"][None], size, mode="bilinear", antialias=True, align_corners=False
+    )[0]
     torch.testing.assert_close(out["image"].as_subclass(torch.Tensor), expected, atol=1e-6, rtol=0)
     assert set(out["mask"].unique().tolist()) <= {0, 1, 2}  # nearest: no new values
 
@@ -98,7 +106,9 @@ def _scene(h, w):
 def test_training_sees_one_scale_whatever_the_image_size():
     """A 480x640 and a 48x64 copy of one scene give the same training sample at resize=[64, 256]
     (ratio 1, crop = the rescaled size); at native scale they differ 10x in size."""
-    tf = build_seg_transforms(True, (64, 85), scale=(1.0, 1.0), hflip=False, normalize="none", resize=[64, 256])
+    tf = build_seg_transforms(
+        True, (64, 85), scale=(1.0, 1.0), hflip=False, normalize="none", resize=[64, 256]
+    )
     big, small = tf(_scene(480, 640)), tf(_scene(48, 64))
     assert big["image"].shape == small["image"].shape == (3, 64, 85)
     assert (big["image"] - small["image"]).abs().mean() < 0.02
@@ -140,14 +150,18 @@ def test_predictor_resize_matches_the_naive_version(mode, k):
         Predictor(model, mode=mode, window=window, output="logits", resize=[90, 0])(images), plain(images)
     )
     probs = Predictor(model, mode=mode, window=window, output="probs", resize=[45, 0])(images)
-    torch.testing.assert_close(probs, expected.sigmoid() if k == 1 else expected.softmax(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        probs, expected.sigmoid() if k == 1 else expected.softmax(1), atol=1e-5, rtol=0
+    )
 
 
 def test_runtime_resize_matches_torch_antialiased_bilinear():
     x = np.random.default_rng(0).random((3, 301, 437), dtype=np.float32)
     for size in [(128, 186), (600, 871), (77, 50)]:
         ours = resize_image(x, size)
-        ref = F.interpolate(torch.from_numpy(x)[None], size, mode="bilinear", antialias=True, align_corners=False)
+        ref = F.interpolate(
+            torch.from_numpy(x)[None], size, mode="bilinear", antialias=True, align_corners=False
+        )
         np.testing.assert_allclose(ours, ref[0].numpy(), atol=5e-5)
 
 

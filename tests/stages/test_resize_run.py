@@ -71,10 +71,20 @@ def test_predict_uses_the_recorded_scale_and_writes_original_sizes(trained, tmp_
 
     data, out, _ = trained
     src = data / "images" / "val"
-    res = run_stage("finetune/predict.py", "--model", str(out / "model"), "--input", str(src), "--output", str(tmp_path / "pt"))
+    res = run_stage(
+        "finetune/predict.py",
+        "--model",
+        str(out / "model"),
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "pt"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     model = from_pretrained(out / "model").eval()
-    predictor = Predictor(model, mode="slide", window=(32, 32), blend="gaussian", output="logits", resize=[32, 128])
+    predictor = Predictor(
+        model, mode="slide", window=(32, 32), blend="gaussian", output="logits", resize=[32, 128]
+    )
     tf = build_seg_transforms(False, None, in_chans=3)
     for i, (h, w) in enumerate(SIZES):
         written = np.array(Image.open(tmp_path / "pt" / f"{i}_mask.png"))
@@ -98,9 +108,25 @@ def test_onnx_runtime_honours_the_recorded_scale(trained, tmp_path):
     res = run_stage("distill/export.py", "--model", str(out / "model"), "--output", str(tmp_path / "m.onnx"))
     assert res.returncode == 0, res.stderr[-3000:]
     src = data / "images" / "val"
-    res = run_stage("finetune/predict.py", "--model", str(tmp_path / "m.onnx"), "--input", str(src), "--output", str(tmp_path / "ort"))
+    res = run_stage(
+        "finetune/predict.py",
+        "--model",
+        str(tmp_path / "m.onnx"),
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "ort"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run_stage("finetune/predict.py", "--model", str(out / "model"), "--input", str(src), "--output", str(tmp_path / "pt"))
+    res = run_stage(
+        "finetune/predict.py",
+        "--model",
+        str(out / "model"),
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "pt"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     for i, (h, w) in enumerate(SIZES):
         ort = np.array(Image.open(tmp_path / "ort" / f"{i}_mask.png"))
