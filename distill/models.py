@@ -53,7 +53,7 @@ def load_teacher(path: str) -> Segmenter:
 
 
 def teacher_data(teacher: Segmenter) -> dict[str, Any]:
-    """What the teacher was trained with: num_classes, in_chans, class_names, normalisation."""
+    """What the teacher was trained with: num_classes, in_chans, class_names, normalisation, scale."""
     config = getattr(teacher, "pretrained_config", {}) or {}
     info: dict[str, Any] = {
         "num_classes": teacher.num_classes,
@@ -63,12 +63,15 @@ def teacher_data(teacher: Segmenter) -> dict[str, Any]:
         "mean": [],
         "std": [],
         "window": None,
+        "resize": None,  # the teacher's resolved data.resize ([short, max_long] or "native"), if known
     }
     if "hybridvision" in config:  # ours: the fine-tuning run config is stored with the weights
         data = config.get("extra", {}).get("run_config", {}).get("data", {})
         for key in ("class_names", "normalize", "mean", "std", "window"):
             if data.get(key) is not None:
                 info[key] = data[key]
+        if isinstance(data.get("resize"), list) or data.get("resize") == "native":
+            info["resize"] = data["resize"]
     elif config.get("id2label"):  # transformers: labels by index
         labels = config["id2label"]
         info["class_names"] = [labels[k] for k in sorted(labels, key=int)]
@@ -99,6 +102,8 @@ def resolve_data(cfg: DistillConfig, teacher: Segmenter) -> DistillDataConfig:
                 changes[key] = list(info[key])
         if d.window is None and info["window"] is not None:
             changes["window"] = tuple(info["window"])
+    if d.resize == "auto" and info["resize"] is not None:  # the student sees the teacher's scale
+        changes["resize"] = info["resize"]
     resolved = dataclasses.replace(d, **changes)
     return resolved
 

@@ -45,3 +45,20 @@ def test_without_unlabelled_source_every_sample_is_labelled():
     labelled, _ = build_labelled_datasets(data, None, None)
     train, n = build_distill_train_set(data, labelled, None, seed=0)
     assert n == 0 and all(train[i]["labelled"] for i in range(3))
+
+
+def test_the_student_trains_at_the_teachers_scale_unless_told_otherwise(tmp_path):
+    from distill.config import DistillConfig
+    from distill.models import resolve_data
+    from hybridvision.models import create_segmenter, from_pretrained, save_pretrained
+
+    teacher_dir = save_pretrained(
+        create_segmenter("unet_resnet_nano", num_classes=2),
+        tmp_path / "teacher",
+        extra={"run_config": {"data": {"resize": [48, 192], "normalize": "imagenet"}}},
+    )
+    teacher = from_pretrained(teacher_dir)
+    cfg = DistillConfig(teacher=str(teacher_dir))
+    assert resolve_data(cfg, teacher).resize == [48, 192]  # data.resize=auto -> the teacher's
+    cfg.data.resize = "native"
+    assert resolve_data(cfg, teacher).resize == "native"  # an explicit choice wins
