@@ -614,8 +614,7 @@ class OnnxPredictor:
                 self.segmenter, x, self.window, self.overlap, self.blend, self.batch_size, self.tta_flips
             )
         if size != (height, width):  # back to the image's size, as logits (torch Predictor's rule)
-            scores = _resize_bilinear(_to_logits(scores), (height, width))
-            return labels_from_scores(scores if scores.shape[1] == 1 else _softmax(scores))[0]
+            scores = _resize_bilinear(_to_logits(scores), (height, width))  # argmax of log-probs
         return labels_from_scores(scores)[0]
 
     def predict_files(self, files: Sequence[Path], root: Path | None, output: Path) -> PredictResult:

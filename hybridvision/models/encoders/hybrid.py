@@ -276,7 +276,7 @@ class TransformerStage(nn.Module):
             return self.blocks(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # via (B, H, W, C)
         x = x + self.position_conv(x)
         b, c, h, w = x.shape
-        tokens = self.blocks(x.flatten(2).transpose(1, 2))  # (B, H*W, C)
+        tokens = self.blocks(x.flatten(2).transpose(1, 2).contiguous())  # (B, H*W, C), token-major
         return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 

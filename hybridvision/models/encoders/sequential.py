@@ -128,7 +128,7 @@ class SequentialHybridEncoder(Encoder):
         """Global-attention refinement. Args: x (B, C, H, W). Returns (B, C, H, W)."""
         b, c, h, w = x.shape
         pos = sincos_2d_pos_embed(c, h, w).to(device=x.device, dtype=x.dtype)  # (1, H*W, C)
-        tokens = x.flatten(2).transpose(1, 2) + pos  # (B, H*W, C)
+        tokens = x.flatten(2).transpose(1, 2).contiguous() + pos  # (B, H*W, C), token-major
         for block in self.refinement:
             tokens = block(tokens)
         return self.refinement_norm(tokens).transpose(1, 2).reshape(b, c, h, w)

@@ -287,7 +287,7 @@ class TransUNetEncoder(Encoder):
         skips, x = features[:-1], features[-1]  # last CNN map (B, 16w, H/16, W/16) feeds the ViT
         x = self.patch_embed(x)  # (B, C, h, w)
         b, c, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        x = x.flatten(2).transpose(1, 2).contiguous()  # (B, h*w, C); token-major, else every layer copies
         x = self.pos_drop(x + interpolate_pos_embed(self.pos_embed, self.grid_size, (h, w)))
         for layer in self.layers:
             x = layer(x)
