@@ -136,7 +136,8 @@ def run_one(name: str, cfg: FinetuneConfig) -> dict[str, Any]:
     else:
         label = name
     if cfg.data.resize != "native":  # resolved by the stage: a fixed scale for varying-size folders
-        label = f"{label} (data.resize={cfg.data.resize})"
+        extra = f"data.resize={cfg.data.resize}"
+        label = f"{label[:-1]}, {extra})" if label.endswith(")") else f"{label} ({extra})"
     return {
         "model": name,
         "label": label,

@@ -210,7 +210,8 @@ fi
 # Part 8: scale handling for a folder of photos of widely varying size. CamVid with every image
 # rescaled to a random short side in 64-1024 px (benchmarks/make_varsize.py; 367 train, 100 test
 # images), the camvid_scratch fine-tune with data.resize left at auto (-> [128, 512]), native sizes,
-# and three fixed scales; seed 0, hybrid_nano (the comparison is between scales, not models).
+# and three fixed scales; seed 0, hybrid_nano (the comparison is between scales, not models), then
+# auto and native with the fine-tuning default model.
 if [ "$PART" = all ] || [ "$PART" = scale ]; then
     rm -rf runs/realdata/camvid_varsize runs/realdata/varsize_*  # fresh runs, not resumed ones
     python benchmarks/make_varsize.py ../shared/data/camvid runs/realdata/camvid_varsize
@@ -219,6 +220,11 @@ if [ "$PART" = all ] || [ "$PART" = scale ]; then
         timed "varsize_camvid_$tag" python benchmarks/peers_seg.py --config configs/finetune/camvid_scratch.yaml \
             data.source=runs/realdata/camvid_varsize "data.resize=$resize" \
             --output-root runs/realdata/varsize_$tag --json "$RES/varsize_camvid_$tag.json" --models ours
+    done
+    for resize in auto native; do  # the same with the fine-tuning default model (model.name empty)
+        timed "varsize_camvid_default_$resize" python benchmarks/peers_seg.py --config configs/finetune/camvid_scratch.yaml \
+            data.source=runs/realdata/camvid_varsize "data.resize=$resize" model.name= \
+            --output-root runs/realdata/varsize_default_$resize --json "$RES/varsize_camvid_default_$resize.json" --models ours
     done
     python benchmarks/peers_seg.py --summarize "$RES"/varsize_camvid_*.json | tee "$RES/varsize_summary.md"
 fi
