@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import difflib
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,6 @@ SIZE_PROBE_LIMIT = 1000
 SYNTHETIC_VAL_SEED_OFFSET = 100_003
 
 Transform = Callable[[dict], Any]
-
-logger = logging.getLogger(__name__)
 
 
 def source_kind(source: str) -> str:
@@ -241,7 +238,7 @@ def _header_size(path: Path) -> tuple[int, int] | None:
 
         try:
             image = read_image(path, 1)
-        except READ_ERRORS:
+        except (*READ_ERRORS, ValueError):
             return None  # a broken file: the dataset names it (data.on_bad_file)
         return int(image.shape[-2]), int(image.shape[-1])
 
