@@ -233,7 +233,7 @@ fi
 # Part 9: the fine-tuning default (sequential_unet_tiny: ResNet stages + global attention at
 # stride 32 + U-Net decoder) against smp's U-Net-R18 at equal CPU seconds, same pipeline: the
 # U-Net gets the configs' 200 steps, ours and transformers' SegFormer-B0 the steps that take about
-# the same CPU time (420 and 250; the "train CPU (s)" column shows the match), 2 seeds each.
+# the same CPU time (420 and 350; the "train CPU (s)" column shows the match), 2 seeds each.
 if [ "$PART" = all ] || [ "$PART" = default ]; then
     rm -rf runs/realdata/default_seed*
     for ds in isbi camvid; do
@@ -245,7 +245,7 @@ if [ "$PART" = all ] || [ "$PART" = default ]; then
                 model.name=sequential_unet_tiny train.max_steps=420 train.seed=$seed --output-root runs/realdata/default_seed$seed \
                 --json "$RES/default_${ds}_ours_seed$seed.json" --models ours
             timed "default_${ds}_segformer_seed$seed" python benchmarks/peers_seg.py --config "configs/finetune/${ds}_scratch.yaml" \
-                train.max_steps=250 train.seed=$seed --output-root runs/realdata/default_seed$seed \
+                train.max_steps=350 train.seed=$seed --output-root runs/realdata/default_seed$seed \
                 --json "$RES/default_${ds}_segformer_seed$seed.json" --models hf_segformer_b0
         done
     done
