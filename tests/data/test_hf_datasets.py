@@ -164,3 +164,19 @@ def test_streaming_rank_validation(tmp_path):
     path = save_to_disk(tmp_path / "saved", make_rows(2))
     with pytest.raises(ValueError, match="rank=2, world_size=2"):
         load_hf_dataset(path, image_column="pixels", streaming=True, rank=2, world_size=2)
+
+
+def test_auto_resize_reads_the_image_sizes_of_a_saved_dataset(tmp_path):
+    from hybridvision.config import DataConfig
+    from hybridvision.data.from_config import image_sizes, resolve_resize
+
+    rows = make_rows(2, size=(20, 30))
+    big = make_rows(1, size=(200, 150), seed=1)
+    for key in rows:
+        rows[key] += big[key]
+    rows["id"][-1] = "big"
+    path = save_to_disk(tmp_path / "saved", rows)
+    cfg = DataConfig(source=str(path), image_column="pixels", image_size=(16, 16))
+    assert sorted(image_sizes(cfg)) == [(20, 30), (20, 30), (200, 150)]
+    resolve_resize(cfg)
+    assert cfg.resize == [16, 64]
