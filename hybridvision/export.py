@@ -7,7 +7,7 @@
   divisor, crop, Swin windows / shifts / masks, position-embedding grids), so one graph serves
   every input size. The file is checked with ``onnx.checker`` and against PyTorch at a size that is
   not a multiple of the size divisor, and carries metadata (class names, normalisation, channels,
-  size divisor, training crop) that :mod:`hybridvision.deploy.runtime` reads.
+  size divisor, training crop, training scale `resize`) that :mod:`hybridvision.deploy.runtime` reads.
 * :func:`quantize_int8`: onnxruntime static quantization (``quant_pre_process`` first, QDQ,
   per-channel int8 weights, uint8 activations, MinMax calibration on given images).
 * :func:`deployment_report`: params, GMACs, file size, latency (PyTorch eager and onnxruntime CPU,
