@@ -3,7 +3,7 @@
 # benchmarks/results/: self-supervised pretraining, fine-tuning from scratch and from that
 # pretraining, and two peer libraries' models trained through the same fine-tuning pipeline.
 #
-#   bash benchmarks/realdata.sh         # from the repository root: all parts, ~1 h 50 min on 2 CPU cores
+#   bash benchmarks/realdata.sh         # from the repository root: all parts (1-6: ~1 h 50 min on 2 CPU cores; 8-10 add ~1 h 40 min)
 #   bash benchmarks/realdata.sh main    # part 1: pretraining + fine-tuning, seed 0 (~32 min)
 #   bash benchmarks/realdata.sh seed1   # part 2: the 8 fine-tunes again with train.seed=1 (same encoders)
 #   bash benchmarks/realdata.sh unet    # part 3: ISBI with model.decoder=unet, 2 inits x 2 seeds (~6 min)
