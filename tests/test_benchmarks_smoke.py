@@ -158,3 +158,28 @@ def test_export_benchmark_runs(isolated: tuple[Path, Path], capsys: pytest.Captu
         assert math.isfinite(ms) and ms > 0
     assert out.count("int8 vs fp32 (onnxruntime)") == 2 and "nan" not in out.lower()
     assert _left_behind(isolated) == []
+
+
+def test_make_varsize_rescales_images_and_masks_together(tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    bench = _load("make_varsize")
+    src = tmp_path / "src"
+    for split in ("train", "test"):
+        (src / "images" / split).mkdir(parents=True)
+        (src / "masks" / split).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((36, 48, 3), 40 * i, np.uint8)).save(src / "images" / split / f"{i}.png")
+            Image.fromarray(np.full((36, 48), i, np.uint8)).save(src / "masks" / split / f"{i}.png")
+    out = tmp_path / "out"
+    assert bench.main([str(src), str(out), "--min", "16", "--max", "128"]) == 0
+    shorts = []
+    for split in ("train", "test"):
+        for i in range(3):
+            image = Image.open(out / "images" / split / f"{i}.jpg")
+            mask = Image.open(out / "masks" / split / f"{i}.png")
+            assert image.size == mask.size and set(np.unique(np.array(mask))) == {i}
+            assert 16 <= min(image.size) <= 128 and abs(image.size[0] / image.size[1] - 48 / 36) < 0.05
+            shorts.append(min(image.size))
+    assert len(set(shorts)) > 1  # sizes vary
