@@ -118,23 +118,35 @@ def step_fn(model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
     return StepOutput(loss=out.loss, logs=logs)
 
 
-def bare_runner(
-    model: nn.Module, batch: dict[str, Tensor], opt: torch.optim.Optimizer, device: torch.device, dtype: str
+def loss_runner(
+    model: nn.Module,
+    loss_fn: Callable[[], Tensor],
+    opt: torch.optim.Optimizer,
+    device: torch.device,
+    dtype: str,
 ) -> Callable[[int], Tensor]:
-    """``steps`` train steps of ``step_fn`` + backward + optimizer step; returns the seconds they took."""
+    """``steps`` train steps (``loss_fn()`` under autocast + backward + optimizer step); returns the
+    seconds they took. Every runner of this file is one of these, so they time the same loop."""
 
     def run(steps: int) -> Tensor:
         model.train()
         start = _now(device)
         for _ in range(steps):
             with _autocast(device, dtype):
-                out = step_fn(model, batch)
-            out.loss.backward()
+                loss = loss_fn()
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return _now(device) - start
 
     return run
+
+
+def bare_runner(
+    model: nn.Module, batch: dict[str, Tensor], opt: torch.optim.Optimizer, device: torch.device, dtype: str
+) -> Callable[[int], Tensor]:
+    """``steps`` train steps of ``step_fn`` + backward + optimizer step; returns the seconds they took."""
+    return loss_runner(model, lambda: step_fn(model, batch).loss, opt, device, dtype)
 
 
 class _InMemoryPairs(Dataset):
@@ -396,19 +408,9 @@ def hf_simmim_runner(
     dtype: str,
 ) -> Callable[[int], Tensor]:
     """transformers' ``SwinForMaskedImageModeling`` train step (its own L1 loss on masked pixels)."""
-
-    def run(steps: int) -> Tensor:
-        model.train()
-        start = _now(device)
-        for _ in range(steps):
-            with _autocast(device, dtype):
-                loss = model(pixel_values=x, bool_masked_pos=bool_masked_pos).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return _now(device) - start
-
-    return run
+    return loss_runner(
+        model, lambda: model(pixel_values=x, bool_masked_pos=bool_masked_pos).loss, opt, device, dtype
+    )
 
 
 def bench_simmim(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
