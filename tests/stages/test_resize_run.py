@@ -63,6 +63,18 @@ def test_auto_scale_is_chosen_logged_and_recorded(trained):
     assert 0.0 <= metrics["miou"] <= 1.0
 
 
+def _predict(model: Path, src: Path, out: Path, *options: str) -> Path:
+    res = run_stage(
+        "finetune/predict.py", "--model", str(model), "--input", str(src), "--output", str(out), *options
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def _masks(out: Path) -> list[np.ndarray]:
+    return [np.array(Image.open(out / f"{i}_mask.png")) for i in range(len(SIZES))]
+
+
 def test_predict_uses_the_recorded_scale_and_writes_original_sizes(trained, tmp_path):
     from hybridvision.data.io import read_image
     from hybridvision.data.transforms import build_seg_transforms
@@ -71,35 +83,20 @@ def test_predict_uses_the_recorded_scale_and_writes_original_sizes(trained, tmp_
 
     data, out, _ = trained
     src = data / "images" / "val"
-    res = run_stage(
-        "finetune/predict.py",
-        "--model",
-        str(out / "model"),
-        "--input",
-        str(src),
-        "--output",
-        str(tmp_path / "pt"),
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
     model = from_pretrained(out / "model").eval()
-    predictor = Predictor(
-        model, mode="slide", window=(32, 32), blend="gaussian", output="logits", resize=[32, 128]
-    )
     tf = build_seg_transforms(False, None, in_chans=3)
-    for i, (h, w) in enumerate(SIZES):
-        written = np.array(Image.open(tmp_path / "pt" / f"{i}_mask.png"))
-        assert written.shape == (h, w)
-        x = tf({"image": read_image(src / f"{i}.jpg", 3)})["image"]
-        with torch.no_grad():
-            expected = predictor.predict_labels(x.as_subclass(torch.Tensor)[None])[0].numpy()
-        assert (written == expected).mean() > 0.999
-    # --resize native predicts at each image's own size instead (a different result on big images)
-    res = run_stage(
-        "finetune/predict.py", "--model", str(out / "model"), "--input", str(src), "--output", str(tmp_path / "nat"),
-        "--resize", "native",
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert np.array(Image.open(tmp_path / "nat" / "4_mask.png")).shape == SIZES[4]
+    # default: the recorded scale; --resize native: each image's own size
+    for options, resize in (((), [32, 128]), (("--resize", "native"), None)):
+        written = _masks(_predict(out / "model", src, tmp_path / str(resize), *options))
+        predictor = Predictor(
+            model, mode="slide", window=(32, 32), blend="gaussian", output="logits", resize=resize
+        )
+        for i, (h, w) in enumerate(SIZES):
+            assert written[i].shape == (h, w)
+            x = tf({"image": read_image(src / f"{i}.jpg", 3)})["image"]
+            with torch.no_grad():
+                expected = predictor.predict_labels(x.as_subclass(torch.Tensor)[None])[0].numpy()
+            assert (written[i] == expected).mean() > 0.999
 
 
 def test_onnx_runtime_honours_the_recorded_scale(trained, tmp_path):
@@ -108,27 +105,7 @@ def test_onnx_runtime_honours_the_recorded_scale(trained, tmp_path):
     res = run_stage("distill/export.py", "--model", str(out / "model"), "--output", str(tmp_path / "m.onnx"))
     assert res.returncode == 0, res.stderr[-3000:]
     src = data / "images" / "val"
-    res = run_stage(
-        "finetune/predict.py",
-        "--model",
-        str(tmp_path / "m.onnx"),
-        "--input",
-        str(src),
-        "--output",
-        str(tmp_path / "ort"),
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    res = run_stage(
-        "finetune/predict.py",
-        "--model",
-        str(out / "model"),
-        "--input",
-        str(src),
-        "--output",
-        str(tmp_path / "pt"),
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    ort = _masks(_predict(tmp_path / "m.onnx", src, tmp_path / "ort"))
+    pt = _masks(_predict(out / "model", src, tmp_path / "pt"))
     for i, (h, w) in enumerate(SIZES):
-        ort = np.array(Image.open(tmp_path / "ort" / f"{i}_mask.png"))
-        pt = np.array(Image.open(tmp_path / "pt" / f"{i}_mask.png"))
-        assert ort.shape == (h, w) and (ort == pt).mean() > 0.995
+        assert ort[i].shape == (h, w) and (ort[i] == pt[i]).mean() > 0.995
