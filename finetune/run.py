@@ -38,24 +38,19 @@ def resolve_init(cfg: FinetuneConfig) -> str:
 def default_model_name(init: str) -> str:
     """``model.name`` when none is given: the default preset, also for an encoder of its kind in
     ``init`` (so it keeps the preset's decoder); '' where ``init`` names another architecture."""
-    from hybridvision.models.registry import list_segmenters, segmenter_spec
+    from hybridvision.models.hub import read_model_config
+    from hybridvision.models.registry import segmenter_spec
+    from hybridvision.models.transfer import _encoder_name_of
 
     if not init:
         return FALLBACK_MODEL
-    config = Path(init) / "config.json"
-    if not config.is_file():
-        return ""
-    import json
-
+    if not (Path(init) / "config.json").is_file():
+        return ""  # weights files, hub ids, missing paths: build_segmenter decides or names the problem
     try:
-        meta = json.loads(config.read_text()).get("hybridvision", {})
-    except (OSError, ValueError):
+        encoder = _encoder_name_of(read_model_config(init))
+    except (OSError, ValueError, KeyError):
         return ""  # build_segmenter names the unreadable file
-    is_encoder = meta.get("kind") == "encoder"
-    if is_encoder and FALLBACK_MODEL in list_segmenters():
-        if meta.get("build", {}).get("name") == segmenter_spec(FALLBACK_MODEL).encoder:
-            return FALLBACK_MODEL
-    return ""
+    return FALLBACK_MODEL if encoder == segmenter_spec(FALLBACK_MODEL).encoder else ""
 
 
 def scheduled_size(cfg: FinetuneConfig, step: int) -> int | None:

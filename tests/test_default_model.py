@@ -29,3 +29,6 @@ def test_default_name_for_each_kind_of_init(tmp_path):
     full = save_pretrained(create_segmenter("unet_resnet_nano", num_classes=2), tmp_path / "model")
     assert default_model_name(str(full)) == ""
     assert default_model_name(str(tmp_path / "missing")) == ""  # build_segmenter names the problem
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    assert default_model_name(str(tmp_path / "broken")) == ""
