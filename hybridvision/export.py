@@ -34,12 +34,9 @@ from torch import Tensor, nn
 from .deploy.runtime import (
     METADATA_KEY,
     OnnxSegmenter,
-    _resize_bilinear,
-    _to_logits,
     labels_from_scores,
     normalization_spec,
-    rescaled_size,
-    resize_image,
+    scores_at_scale,
 )
 from .deploy.runtime import predict_sliding_window as np_predict_sliding_window
 from .deploy.runtime import predict_whole as np_predict_whole
@@ -602,7 +599,9 @@ def deployment_report(
                         s = predict_sliding_window(module, t, win, blend="gaussian", output="logits")
                     else:
                         s = predict_whole(module, t, output="logits")
-                    return s.numpy()
+                    # the runtime's convention (what scores_at_scale expects): probabilities for
+                    # K >= 2 (torch's "logits" are their log), logits for K = 1
+                    return (s.exp() if s.shape[1] > 1 else s).numpy()
 
             source = module if module is not None else None
             row["gmacs_train_crop"] = (
@@ -627,10 +626,7 @@ def deployment_report(
             cm = ConfusionMatrix(num_classes, ignore_index, class_names=class_names)
             for sample in samples:
                 img = _as_array(sample["image"]).astype(np.float32)
-                size = rescaled_size(*img.shape[-2:], resize)
-                s = scores(resize_image(img, size)[None])
-                if size != tuple(img.shape[-2:]):  # as the runtime's OnnxPredictor does
-                    s = _resize_bilinear(_to_logits(s), img.shape[-2:])
+                s = scores_at_scale(scores, img, resize)  # as the runtime's OnnxPredictor does
                 cm.update(
                     torch.from_numpy(labels_from_scores(s)),
                     torch.as_tensor(np.array(_as_array(sample["mask"]), dtype=np.int64))[None],

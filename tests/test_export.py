@@ -268,3 +268,32 @@ def test_int8_with_relative_paths(tmp_path, monkeypatch):
     calib = [torch.randn(3, 32, 32) for _ in range(2)]
     int8 = quantize_int8(Path("out") / "m.onnx", Path("out") / "m.int8.onnx", calib)
     assert int8.is_file() and int8.is_absolute() and fp32.is_file()
+
+
+def test_deployment_report_evaluates_at_the_training_scale(tmp_path):
+    """resize=[short]: every entry predicts each image rescaled and scored at its own size; the
+    masks here are the model's own native-size labels, so native scale scores 1.0 and a coarser
+    scale scores what the PyTorch Predictor at that scale scores."""
+    from hybridvision.inference import Predictor
+    from hybridvision.metrics import ConfusionMatrix
+
+    torch.manual_seed(0)
+    model = create_segmenter("unet_resnet_nano", num_classes=3).eval()
+    images = torch.randn(3, 3, 48, 64)
+    with torch.no_grad():
+        masks = Predictor(model).predict_labels(images)
+        coarse = Predictor(model, resize=[24]).predict_labels(images)
+    samples = [{"image": i, "mask": m} for i, m in zip(images, masks)]
+    entries = [{"name": "eager", "model": model}]
+    same = deployment_report(
+        tmp_path / "a", entries, samples, 3, train_crop=(32, 32), runs=1, warmup=0, resize=[48]
+    )
+    assert same["entries"][0]["miou"] == pytest.approx(1.0)
+    report = deployment_report(
+        tmp_path / "b", entries, samples, 3, train_crop=(32, 32), runs=1, warmup=0, resize=[24]
+    )
+    assert report["eval"]["resize"] == [24]
+    cm = ConfusionMatrix(3, 255)
+    cm.update(coarse, masks)
+    expected = cm.compute()["miou"]
+    assert expected < 0.99 and report["entries"][0]["miou"] == pytest.approx(expected, abs=0.01)

@@ -50,6 +50,7 @@ __all__ = [
     "rescaled_size",
     "resize_image",
     "save_mask",
+    "scores_at_scale",
     "window_starts",
 ]
 
@@ -354,6 +355,24 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack(channels).astype(np.float32)
 
 
+def scores_at_scale(
+    scores: Callable[[np.ndarray], np.ndarray], image: np.ndarray, resize: Sequence[int] | None
+) -> np.ndarray:
+    """Scores (1, K, H, W) of one normalised image (C, H, W) predicted at the scale ``resize``.
+
+    The image is rescaled (:func:`rescaled_size`, :func:`resize_image`), ``scores`` runs on the
+    (1, C, h, w) batch (whole image or sliding window: :func:`_scores`' probabilities / K = 1
+    logits), and the scores go back to (H, W) as logits, bilinear, as
+    :class:`hybridvision.inference.Predictor` does. ``resize=None``: the image's own size.
+    """
+    height, width = image.shape[-2:]
+    size = rescaled_size(height, width, resize)
+    out = scores(resize_image(image, size)[None])
+    if size != (height, width):
+        out = _resize_bilinear(_to_logits(out), (height, width))  # argmax of log-probs = of probs
+    return out
+
+
 def _softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
@@ -603,19 +622,16 @@ class OnnxPredictor:
 
     def predict_labels(self, image: np.ndarray) -> np.ndarray:
         """Labels (H, W) int64 of one raw image (C, H, W) as read by :func:`read_image`."""
-        x = normalize_image(image, self.normalization)
-        height, width = x.shape[-2:]
-        size = rescaled_size(height, width, self.resize)
-        x = resize_image(x, size)[None]
-        if self.mode == "whole":
-            scores = predict_whole(self.segmenter, x, self.tta_flips)
-        else:
-            scores = predict_sliding_window(
+
+        def scores(x: np.ndarray) -> np.ndarray:
+            if self.mode == "whole":
+                return predict_whole(self.segmenter, x, self.tta_flips)
+            return predict_sliding_window(
                 self.segmenter, x, self.window, self.overlap, self.blend, self.batch_size, self.tta_flips
             )
-        if size != (height, width):  # back to the image's size, as logits (torch Predictor's rule)
-            scores = _resize_bilinear(_to_logits(scores), (height, width))  # argmax of log-probs
-        return labels_from_scores(scores)[0]
+
+        x = normalize_image(image, self.normalization)
+        return labels_from_scores(scores_at_scale(scores, x, self.resize))[0]
 
     def predict_files(self, files: Sequence[Path], root: Path | None, output: Path) -> PredictResult:
         """Predict every file, writing ``<stem>_mask.png`` and ``<stem>_overlay.png`` under ``output``."""
