@@ -305,6 +305,8 @@ def resolve_resize(cfg: DataConfig) -> str:
     cfg.resize = scale if scale is not None else "native"
     if sizes is None:
         return "data.resize=auto -> native (image sizes are not known up front)"
+    if cfg.source == "synthetic":
+        return "data.resize=auto -> native (every synthetic image has data.image_size)"
     shorts, longs = [min(s) for s in sizes], [max(s) for s in sizes]
     seen = f"short sides {min(shorts)}-{max(shorts)} px, long sides {min(longs)}-{max(longs)} px over {len(sizes)} images"
     if scale is None:
