@@ -21,7 +21,9 @@ class ObjectiveConfig:
     projection_layers: int = 2  # linear layers in the projection head
     mask_patch_size: int = 32  # MIM mask block side (pixels)
     mask_ratio: float = 0.6  # MIM fraction of masked blocks
-    mim_decoder: Literal["auto", "multiscale", "pixel_shuffle"] = "auto"  # reconstruction decoder
+    # reconstruction decoder; segmenter: the fine-tuning model's own decoder (model.name = a segmenter
+    # preset or an encoder + model.decoder), so the whole encoder-decoder is pretrained and exported
+    mim_decoder: Literal["auto", "multiscale", "pixel_shuffle", "segmenter"] = "auto"
     mim_decoder_dim: int = 256  # multiscale decoder width at the deepest scale (halves per finer scale)
     mim_loss: Literal["l1", "mse"] = "l1"  # reconstruction loss on masked pixels
     norm_pix_loss: bool = False  # MAE per-patch normalised targets
@@ -35,6 +37,11 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.temperature <= 0:
             raise ConfigError(f"objective.temperature must be > 0, got {self.temperature}")
+        if self.mim_decoder == "segmenter" and self.name == "contrastive":
+            raise ConfigError(
+                "objective.mim_decoder=segmenter trains the decoder by reconstruction: "
+                "use objective.name=mim or contrastive_mim"
+            )
 
 
 @dataclass

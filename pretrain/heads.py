@@ -5,6 +5,9 @@
 * :class:`MultiScaleDecoder` — a SparK-style light U-Net over every stage, with per-scale
   learnable mask embeddings, for encoders whose masked positions are empty after a
   convolutional stage.
+* :class:`SegmentationDecoderHead` — the fine-tuning model's own segmentation decoder (U-Net,
+  All-MLP, ...) with ``in_chans`` outputs, so pretraining trains the whole segmenter and
+  fine-tuning starts with a trained decoder, not a random one (``objective.mim_decoder=segmenter``).
 
 Every MIM decoder takes the encoder's feature list and the patch mask and returns a
 reconstruction ``(B, out_chans, H, W)`` at the (padded) input resolution
@@ -16,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightly.models.modules import SimCLRProjectionHead
 from torch import Tensor, nn
 
@@ -26,8 +30,10 @@ __all__ = [
     "MIM_DECODERS",
     "MultiScaleDecoder",
     "PixelShuffleDecoder",
+    "SegmentationDecoderHead",
     "build_mim_decoder",
     "build_projection_head",
+    "classifier_prefix",
     "resolve_mim_decoder",
 ]
 
@@ -195,6 +201,67 @@ class MultiScaleDecoder(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"mask_embeddings.{i}" for i in range(len(self.mask_embeddings))}
+
+
+class SegmentationDecoderHead(nn.Module):
+    """A segmentation decoder used as the MIM decoder: its ``num_classes`` outputs are the
+    reconstructed image channels.
+
+    Models Genesis (Zhou et al., 2019) and SparK pretrain an encoder-decoder by restoring the
+    image; here the decoder is exactly the one the segmenter is fine-tuned with, so every decoder
+    weight except its last (classifier) layer carries over to fine-tuning. The output is resized
+    bilinearly to the padded input size when the decoder stops above stride 1 (the All-MLP head
+    predicts at stride 4), as ``Segmenter.forward`` does for logits.
+
+    Args:
+        decoder: a decoder built by ``create_segmenter`` (``num_classes`` = image channels).
+        reduction: the encoder's shallowest stride (``encoder.reductions[0]``).
+    """
+
+    def __init__(self, decoder: nn.Module, reduction: int):
+        super().__init__()
+        self.decoder = decoder
+        self.reduction = int(reduction)
+
+    @property
+    def uses_image(self) -> bool:
+        """Whether the wrapped decoder reads the input image (U-Net image skips)."""
+        return bool(getattr(self.decoder, "uses_image", False))
+
+    def forward(self, feats: list[Tensor], mask: Tensor | None = None, image: Tensor | None = None) -> Tensor:
+        """Decode the masked features to pixels.
+
+        Args:
+            feats: encoder features of the masked image.
+            mask: unused (the decoder is the fine-tuning one and never sees a mask).
+            image: (B, C, H, W) the masked, padded input, for decoders with image skips.
+
+        Returns:
+            (B, out_chans, H, W) reconstruction, ``H = reduction * feats[0].shape[-2]``.
+        """
+        size = (feats[0].shape[-2] * self.reduction, feats[0].shape[-1] * self.reduction)
+        out = self.decoder(feats, image) if self.uses_image else self.decoder(feats)
+        if tuple(out.shape[-2:]) != size:
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        return out
+
+    def no_weight_decay(self) -> set[str]:
+        inner = getattr(self.decoder, "no_weight_decay", lambda: set())()
+        return {f"decoder.{n}" for n in inner}
+
+
+def classifier_prefix(decoder: nn.Module, out_chans: int) -> str:
+    """Name of the decoder's output layer: its last registered Conv2d / Linear with ``out_chans``
+    outputs (``segmentation_head``, ``classifier``, ``output`` in the zoo's decoders)."""
+    found = ""
+    for name, module in decoder.named_modules():
+        if isinstance(module, nn.Conv2d) and module.out_channels == out_chans:
+            found = name
+        elif isinstance(module, nn.Linear) and module.out_features == out_chans:
+            found = name
+    if not found:
+        raise ValueError(f"{type(decoder).__name__} has no Conv2d/Linear layer with {out_chans} outputs")
+    return found
 
 
 #: MIM decoders by config name

@@ -13,7 +13,9 @@ Objectives:
 * ``"mim"`` — SimMIM (Xie et al., 2022) / SparK (Tian et al., 2023): random block masks, the
   encoder sees the masked ``batch["image"]`` (masked positions replaced by a learnable
   ``mask_token`` after its stem), a light decoder reconstructs the pixels, and an L1 (or MSE)
-  loss is taken on masked pixels only.
+  loss is taken on masked pixels only. With ``segmentation_decoder`` the decoder is the
+  segmenter's own (``SegmentationDecoderHead``): the whole encoder-decoder learns to restore the
+  masked image and fine-tuning inherits both halves (``objective.mim_decoder=segmenter``).
 * ``"contrastive_mim"`` — the weighted sum of both, on the same step. The MIM branch reads
   ``batch["image"]`` (a random resized crop with no photometric augmentation), not ``view0``:
   colour jitter, grayscale and blur would make the reconstruction target depend on random
@@ -55,9 +57,15 @@ from einops import rearrange
 from lightly.loss import NTXentLoss
 from torch import Tensor, nn
 
-from hybridvision.models.base import Encoder, mask_to
+from hybridvision.models.base import Encoder, Segmenter, mask_to
 
-from .heads import MultiScaleDecoder, build_mim_decoder, build_projection_head, resolve_mim_decoder
+from .heads import (
+    MultiScaleDecoder,
+    SegmentationDecoderHead,
+    build_mim_decoder,
+    build_projection_head,
+    resolve_mim_decoder,
+)
 from .masking import BlockMaskGenerator
 from .monitors import contrastive_stats, embedding_std
 
@@ -278,6 +286,9 @@ class MIMObjective(nn.Module):
             ``mask_patch_size``.
         gather_distributed: normalise the loss by the global masked-pixel count.
         max_log_images: images kept in ``PretrainOutput.images``.
+        segmentation_decoder: a segmentation decoder with ``in_chans`` outputs to use instead of
+            ``decoder`` (wrapped in :class:`SegmentationDecoderHead`); decoders with image skips
+            get the masked image.
     """
 
     def __init__(
@@ -292,6 +303,7 @@ class MIMObjective(nn.Module):
         norm_pix_loss: bool = False,
         gather_distributed: bool = True,
         max_log_images: int = 8,
+        segmentation_decoder: nn.Module | None = None,
     ):
         super().__init__()
         if loss not in ("l1", "mse"):
@@ -309,9 +321,14 @@ class MIMObjective(nn.Module):
         self.max_log_images = max_log_images
         self.mask_token = nn.Parameter(torch.zeros(encoder.mask_token_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)  # SimMIM's init
-        name = resolve_mim_decoder(decoder)
-        kwargs = {"dim": decoder_dim} if name == "multiscale" else {}
-        self.decoder = build_mim_decoder(name, encoder.out_channels, encoder.reductions, in_chans, **kwargs)
+        if segmentation_decoder is not None:
+            self.decoder = SegmentationDecoderHead(segmentation_decoder, encoder.reductions[0])
+        else:
+            name = resolve_mim_decoder(decoder)
+            kwargs = {"dim": decoder_dim} if name == "multiscale" else {}
+            self.decoder = build_mim_decoder(
+                name, encoder.out_channels, encoder.reductions, in_chans, **kwargs
+            )
         self._generators: dict[tuple[int, int], BlockMaskGenerator] = {}
 
     def mask_generator(self, size: tuple[int, int]) -> BlockMaskGenerator:
@@ -336,7 +353,15 @@ class MIMObjective(nn.Module):
         mask = mask.to(device=x.device, dtype=torch.float32)  # (B, 1, gh, gw)
         x_pad, mask_pad = _pad_image_and_mask(x, mask, self.size_divisor)
         feats = encoder.forward_features(x_pad, mask=mask_pad, mask_token=self.mask_token)
-        pred = self.decoder(feats, mask_pad)  # (B, C, Hp, Wp)
+        if isinstance(self.decoder, SegmentationDecoderHead):
+            image = (
+                x_pad * (1 - mask_to(mask_pad, x_pad.shape[-2:]).to(x_pad.dtype))
+                if self.decoder.uses_image
+                else None
+            )
+            pred = self.decoder(feats, mask_pad, image=image)
+        else:
+            pred = self.decoder(feats, mask_pad)  # (B, C, Hp, Wp)
         if tuple(pred.shape[-2:]) != tuple(x_pad.shape[-2:]):
             raise RuntimeError(
                 f"MIM decoder output {tuple(pred.shape[-2:])} != padded input {tuple(x_pad.shape[-2:])}: "
@@ -430,6 +455,7 @@ def build_objective(
     mim_weight: float = 1.0,
     gather_distributed: bool = True,
     max_log_images: int = 8,
+    segmentation_decoder: nn.Module | None = None,
 ) -> nn.Module:
     """Build an objective module by name from plain arguments (no config object).
 
@@ -452,9 +478,12 @@ def build_objective(
         mim_weight: weight of the MIM term (``contrastive_mim``).
         gather_distributed: global negatives / global loss normalisation under DDP.
         max_log_images: images kept for logging (MIM).
+        segmentation_decoder: the segmenter's decoder (``in_chans`` outputs) as the MIM decoder.
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+    if segmentation_decoder is not None and name == "contrastive":
+        raise ValueError("a segmentation decoder is a MIM decoder: use objective mim or contrastive_mim")
     contrastive = mim = None
     if name in ("contrastive", "contrastive_mim"):
         contrastive = ContrastiveObjective(
@@ -482,6 +511,7 @@ def build_objective(
             norm_pix_loss=norm_pix_loss,
             gather_distributed=gather_distributed,
             max_log_images=max_log_images,
+            segmentation_decoder=segmentation_decoder,
         )
     if contrastive is not None and mim is not None:
         return CombinedObjective(contrastive, mim, contrastive_weight, mim_weight)
@@ -508,6 +538,37 @@ class PretrainModel(nn.Module):
         self.encoder = encoder
         self.objective_name = objective
         self.objective = build_objective(objective, encoder, **options)
+        self.segmenter_build: dict[str, Any] | None = None
+
+    @classmethod
+    def from_segmenter(cls, segmenter: Segmenter, objective: str = "mim", **options: Any) -> PretrainModel:
+        """Pretrain a whole segmenter: its encoder as usual, its decoder as the MIM decoder.
+
+        ``segmenter`` must output as many channels as the image has (``num_classes = in_chans``,
+        e.g. ``create_segmenter("sequential_unet_tiny", num_classes=3, in_chans=3)``);
+        :meth:`segmenter` gives it back, trained, for ``save_pretrained``.
+        """
+        in_chans = segmenter.build_kwargs.get("in_chans", options.get("in_chans"))
+        if in_chans is None or segmenter.num_classes != in_chans:
+            raise ValueError(
+                f"the segmenter to pretrain must have num_classes = in_chans (it reconstructs the image), "
+                f"got num_classes={segmenter.num_classes}, in_chans={in_chans}"
+            )
+        options = {**options, "in_chans": in_chans}
+        model = cls(segmenter.encoder, objective, segmentation_decoder=segmenter.decoder, **options)
+        model.segmenter_build = dict(segmenter.build_kwargs)
+        return model
+
+    def segmenter(self) -> Segmenter:
+        """The pretrained encoder + decoder as a :class:`Segmenter` (shares this model's modules)."""
+        mim = self.objective.mim if isinstance(self.objective, CombinedObjective) else self.objective
+        if self.segmenter_build is None or not isinstance(mim.decoder, SegmentationDecoderHead):
+            raise ValueError(
+                "this model pretrains an encoder only; build it with PretrainModel.from_segmenter"
+            )
+        seg = Segmenter(self.encoder, mim.decoder.decoder, self.segmenter_build["num_classes"])
+        seg.build_kwargs = dict(self.segmenter_build)
+        return seg
 
     @property
     def mask_token(self) -> nn.Parameter | None:
@@ -532,7 +593,7 @@ class PretrainModel(nn.Module):
         names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
         for name, module in self.named_modules():
             prefix = f"{name}." if name else ""
-            if isinstance(module, MultiScaleDecoder):
+            if isinstance(module, (MultiScaleDecoder, SegmentationDecoderHead)):
                 names |= {prefix + n for n in module.no_weight_decay()}
             elif isinstance(module, MIMObjective):
                 names.add(prefix + "mask_token")

@@ -4,7 +4,10 @@
     python pretrain/run.py                      # built-in synthetic data, a few CPU minutes
 
 Writes ``<train.output_dir>/encoder/`` (``model.safetensors`` + ``config.json``), loadable with
-``hybridvision.models.from_pretrained`` and by ``finetune/run.py model.init=<dir>``.
+``hybridvision.models.from_pretrained`` and by ``finetune/run.py model.init=<dir>``. With
+``objective.mim_decoder=segmenter`` the whole segmenter named by ``model.name`` is pretrained and
+``<train.output_dir>/segmenter/`` is written too: fine-tuning from it starts with the trained
+decoder (all but its output layer, which reconstructed pixels).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from hybridvision.engine import (  # noqa: E402
     pending_exit_code,
     shutdown_distributed,
 )
-from hybridvision.models import create_encoder, save_pretrained  # noqa: E402
+from hybridvision.models import create_encoder, create_segmenter, save_pretrained  # noqa: E402
 from hybridvision.probe import dense_linear_probe  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
+from pretrain.heads import classifier_prefix  # noqa: E402
 from pretrain.monitors import make_mim_grid  # noqa: E402
 from pretrain.objectives import PretrainModel, scaled_lr  # noqa: E402
 from pretrain.views import build_pretrain_transform  # noqa: E402
@@ -40,10 +44,7 @@ from pretrain.views import build_pretrain_transform  # noqa: E402
 
 def build_model(cfg: PretrainConfig) -> PretrainModel:
     obj = cfg.objective
-    encoder = create_encoder(cfg.model.name, in_chans=cfg.data.in_chans, **cfg.model.overrides)
-    return PretrainModel(
-        encoder,
-        obj.name,
+    options = dict(
         in_chans=cfg.data.in_chans,
         temperature=obj.temperature,
         projection_dim=obj.projection_dim,
@@ -58,6 +59,12 @@ def build_model(cfg: PretrainConfig) -> PretrainModel:
         contrastive_weight=obj.contrastive_weight,
         mim_weight=obj.mim_weight,
     )
+    c = cfg.data.in_chans
+    if obj.mim_decoder == "segmenter":  # the whole segmenter, reconstructing its C input channels
+        segmenter = create_segmenter(cfg.model.name, num_classes=c, in_chans=c, **cfg.model.overrides)
+        return PretrainModel.from_segmenter(segmenter, obj.name, **options)
+    encoder = create_encoder(cfg.model.name, in_chans=c, **cfg.model.overrides)
+    return PretrainModel(encoder, obj.name, **options)
 
 
 def probe_loaders(cfg: PretrainConfig) -> tuple[DataLoader, DataLoader] | None:
@@ -99,10 +106,18 @@ def probe_loaders(cfg: PretrainConfig) -> tuple[DataLoader, DataLoader] | None:
 
 
 def export_encoder(cfg: PretrainConfig):
+    """Writer of ``directory`` (the encoder) and, for a pretrained segmenter, its sibling
+    ``segmenter/`` whose ``extra.reconstruction_head`` names the output layer fine-tuning drops."""
     extra = {"stage": "pretrain", "objective": cfg.objective.name, "run_config": config_to_dict(cfg)}
 
     def export(model: nn.Module, directory: Path) -> None:
         save_pretrained(model.encoder, directory, extra=extra)
+        if model.segmenter_build is not None:
+            seg = model.segmenter()
+            head = "decoder." + classifier_prefix(seg.decoder, seg.num_classes)
+            save_pretrained(
+                seg, Path(directory).parent / "segmenter", extra={**extra, "reconstruction_head": head}
+            )
 
     return export
 
@@ -195,9 +210,10 @@ def main(cfg: PretrainConfig) -> None:
     metrics = result["final_metrics"]
     if metrics:
         engine.print("probe after pretraining: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    engine.print(
-        f"encoder written to {out_dir}  (fine-tune with: python finetune/run.py model.init={out_dir})"
-    )
+    if acc.unwrap_model(engine.model).segmenter_build is not None:
+        out_dir = out_dir.parent / "segmenter"
+        engine.print(f"encoder written to {out_dir.parent / 'encoder'}, encoder + decoder to {out_dir}")
+    engine.print(f"fine-tune with: python finetune/run.py model.init={out_dir}")
     engine.close()
 
 

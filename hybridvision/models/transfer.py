@@ -4,7 +4,9 @@ Sources:
 
 * an encoder directory written by ``pretrain/`` (or any ``save_pretrained`` encoder): its
   ``config.json`` names the architecture, so the user need not repeat it;
-* a segmenter directory (ours, or a transformers SegFormer checkpoint directory);
+* a segmenter directory (ours, or a transformers SegFormer checkpoint directory); one written by
+  ``pretrain/`` with ``objective.mim_decoder=segmenter`` names its pixel-reconstruction output layer
+  in ``extra.reconstruction_head``, which is left at random init (it predicted pixels, not classes);
 * a Hugging Face hub id of either;
 * a timm / torchvision weights file (``.safetensors``, ``.pth``, ``.bin``) for encoders that can
   convert one (``load_pretrained_weights``);
@@ -181,7 +183,14 @@ def build_segmenter(
         build.pop("decoder", None)
         build.pop("decoder_kwargs", None)
         model = create_segmenter(src_name, num_classes, in_chans, dec, dkw, **build)
-        load_matching(model, loaded.state_dict(), strict, report)
+        state = loaded.state_dict()
+        head = config.get("extra", {}).get("reconstruction_head")
+        if head:  # a pretraining reconstruction layer: the new task's classifier starts fresh
+            state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+        load_matching(model, state, strict, report)
+        if head:
+            report.source = f"{init} (pretrained encoder + decoder; {head} re-initialised for the task)"
+            return model, report
     elif isinstance(loaded, Encoder):
         build = dict(loaded.build_kwargs)
         src_name = build.pop("name")

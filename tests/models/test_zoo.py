@@ -132,3 +132,12 @@ def test_masked_content_cannot_reach_any_feature(name: str):
     for i, (fa, fb) in enumerate(zip(a, b, strict=True)):
         assert torch.equal(fa, fb), f"{name}: masked pixels reach feature {i}"
     assert not torch.equal(a[-1], c[-1]), f"{name}: visible pixels must reach the deepest feature"
+
+
+def test_unet_image_skips_that_no_block_would_read_are_an_error():
+    from hybridvision.models import create_segmenter
+
+    with pytest.raises(ValueError, match="would never be used.*decoder_channels 5 entries"):
+        create_segmenter("unet_resnet_nano", num_classes=2, decoder_kwargs={"image_skip_channels": (8,)})
+    kw = {"image_skip_channels": (8,), "decoder_channels": (64, 32, 16, 16, 8)}
+    assert create_segmenter("unet_resnet_nano", num_classes=2, decoder_kwargs=kw).decoder.uses_image

@@ -300,3 +300,117 @@ def test_zoo_encoder_trains_with_every_objective(name):
                 assert len(no_grad) < len(grads) // 2, no_grad
             else:  # the multiscale decoder reads every stage
                 assert not no_grad, no_grad
+
+
+# --------------------------------------------------------------------------- the segmenter's decoder
+
+
+IMAGE_SKIP = {"image_skip_channels": (8,), "decoder_channels": (64, 32, 16, 16, 8)}  # stride-1 skip
+SEGMENTERS = [  # (name, decoder_kwargs): every decoder family, incl. a U-Net image skip at stride 1
+    ("segformer_nano", None),
+    ("swin_unet_nano", None),
+    ("transunet_nano", None),
+    ("unet_resnet_nano", None),
+    ("unet_resnet_nano", IMAGE_SKIP),
+]
+
+
+def _segmenter_model(
+    name: str, decoder_kwargs=None, in_chans: int = 3, objective: str = "mim"
+) -> PretrainModel:
+    from hybridvision.models import create_segmenter
+
+    torch.manual_seed(0)
+    seg = create_segmenter(name, num_classes=in_chans, in_chans=in_chans, decoder_kwargs=decoder_kwargs)
+    options = {"mask_patch_size": 16, "mask_ratio": 0.5, "projection_dim": 16}
+    return PretrainModel.from_segmenter(seg, objective, **options)
+
+
+@pytest.mark.parametrize(("name", "decoder_kwargs"), SEGMENTERS)
+def test_segmenter_decoder_cannot_cheat(name, decoder_kwargs):
+    """Masked pixels reach neither the encoder nor the decoder's image skips."""
+    model = _segmenter_model(name, decoder_kwargs)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert_masked_input_cannot_leak(model, x, _fixed_mask(2, 4))
+
+
+@pytest.mark.parametrize("objective", ["mim", "contrastive_mim"])
+def test_segmenter_pretraining_trains_every_weight_and_gives_the_segmenter_back(objective):
+    from hybridvision.models import Segmenter
+
+    model = _segmenter_model("unet_resnet_nano", IMAGE_SKIP, in_chans=1, objective=objective)
+    out = model(_batch(b=2, c=1, size=64))
+    out.loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == [], no_grad
+    seg = model.segmenter()
+    assert isinstance(seg, Segmenter) and seg.num_classes == 1
+    mim = model.objective.mim if objective == "contrastive_mim" else model.objective
+    assert seg.encoder is model.encoder and seg.decoder is mim.decoder.decoder
+    assert seg.build_kwargs["name"] == "unet_resnet_nano"
+    # the returned segmenter is the trained one: its forward on an unmasked image runs the same modules
+    assert seg(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_segmenter_reconstruction_is_the_decoder_output_resized_to_the_image():
+    """The All-MLP head predicts at stride 4; the reconstruction is its bilinear upsampling."""
+    import torch.nn.functional as F
+
+    from pretrain.heads import SegmentationDecoderHead
+
+    model = _segmenter_model("segformer_nano").eval()  # no dropout
+    head = model.objective.decoder
+    assert isinstance(head, SegmentationDecoderHead)
+    feats = model.encoder.forward_features(torch.rand(2, 3, 64, 64))
+    low = head.decoder(feats)
+    assert low.shape[-1] == 16
+    expect = F.interpolate(low, size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(head(feats), expect)
+
+
+def test_from_segmenter_rejects_a_classifier():
+    from hybridvision.models import create_segmenter
+
+    seg = create_segmenter("segformer_nano", num_classes=5, in_chans=3)
+    with pytest.raises(ValueError, match="num_classes = in_chans"):
+        PretrainModel.from_segmenter(seg, "mim")
+    with pytest.raises(ValueError, match="MIM decoder"):
+        PretrainModel.from_segmenter(create_segmenter("segformer_nano", num_classes=3), "contrastive")
+    with pytest.raises(ValueError, match="encoder only"):
+        _model("toy_cnn", "mim").segmenter()
+
+
+def test_classifier_prefix_finds_each_decoders_output_layer():
+    from hybridvision.models import create_segmenter
+    from pretrain.heads import classifier_prefix
+
+    expected = {
+        "segformer_nano": "classifier",
+        "swin_unet_nano": "output",
+        "transunet_nano": "segmentation_head",
+        "unet_resnet_nano": "segmentation_head",
+    }
+    for name, head in expected.items():
+        for c in (1, 3):
+            seg = create_segmenter(name, num_classes=c, in_chans=c)
+            assert classifier_prefix(seg.decoder, c) == head, (name, c)
+
+
+def test_finetune_init_drops_the_reconstruction_layer_even_when_shapes_match(tmp_path):
+    """3 image channels -> 3 classes: the reconstruction layer would load silently by shape; the
+    checkpoint's ``extra.reconstruction_head`` makes fine-tuning start it fresh, in strict mode."""
+    from hybridvision.models import save_pretrained
+    from hybridvision.models.transfer import build_segmenter
+
+    seg = _segmenter_model("unet_resnet_nano").segmenter()
+    save_pretrained(
+        seg, tmp_path / "seg", extra={"stage": "pretrain", "reconstruction_head": "decoder.segmentation_head"}
+    )
+    model, report = build_segmenter("", num_classes=3, in_chans=3, init=str(tmp_path / "seg"), strict=True)
+    src, dst = seg.state_dict(), model.state_dict()
+    head = {k for k in dst if k.startswith("decoder.segmentation_head.")}
+    assert head == {"decoder.segmentation_head.weight", "decoder.segmentation_head.bias"}
+    assert sorted(report.missing) == sorted(head) and not report.unexpected and not report.skipped
+    assert all(torch.equal(src[k], dst[k]) for k in dst if k not in head)
+    assert not torch.equal(src["decoder.segmentation_head.weight"], dst["decoder.segmentation_head.weight"])
+    assert "re-initialised" in report.summary()

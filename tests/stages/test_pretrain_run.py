@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ._util import run_stage, tiny_pretrain_args
+from ._util import run_stage, tiny_finetune_args, tiny_pretrain_args
 
 pytestmark = pytest.mark.slow  # each test starts the stage script in a fresh interpreter
 
@@ -80,3 +80,46 @@ def test_pretraining_beats_random_init(tmp_path: Path):
     before = float(re.search(r"probe at init: probe_miou=([0-9.]+)", res.stdout).group(1))
     after = float(re.search(r"probe after pretraining: probe_miou=([0-9.]+)", res.stdout).group(1))
     assert after > before + 0.01, f"probe mIoU {before:.3f} -> {after:.3f}"
+
+
+def test_segmenter_pretraining_feeds_finetune(tmp_path: Path):
+    """objective.mim_decoder=segmenter: the whole segmenter is pretrained, written to segmenter/,
+    and finetune/run.py starts from it with every tensor but the reconstruction layer loaded."""
+    from safetensors.torch import load_file
+
+    pre = tmp_path / "pre"
+    res = run_stage(
+        "pretrain/run.py",
+        *tiny_pretrain_args(pre),
+        "model.name=sequential_unet_tiny",
+        "objective.name=mim",
+        "objective.mim_decoder=segmenter",
+        "probe.source=none",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    seg_dir = pre / "segmenter"
+    cfg = json.loads((seg_dir / "config.json").read_text())
+    assert cfg["hybridvision"]["kind"] == "segmenter"
+    assert cfg["hybridvision"]["build"]["num_classes"] == 3  # reconstructs the 3 image channels
+    assert cfg["extra"]["reconstruction_head"] == "decoder.segmentation_head"
+    assert (pre / "encoder" / "model.safetensors").is_file()
+    assert f"model.init={seg_dir}" in res.stdout
+
+    ft = tmp_path / "ft"
+    res = run_stage("finetune/run.py", *tiny_finetune_args(ft), f"model.init={seg_dir}", "model.name=")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "decoder.segmentation_head re-initialised" in res.stdout + res.stderr
+    saved, tuned = load_file(seg_dir / "model.safetensors"), load_file(ft / "model" / "model.safetensors")
+    assert tuned["decoder.segmentation_head.weight"].shape[0] == 4  # the synthetic set's classes
+    assert set(saved) == set(tuned)
+
+
+def test_segmenter_decoder_needs_a_reconstruction_objective(tmp_path: Path):
+    res = run_stage(
+        "pretrain/run.py",
+        *tiny_pretrain_args(tmp_path),
+        "objective.name=contrastive",
+        "objective.mim_decoder=segmenter",
+    )
+    assert res.returncode == 2
+    assert "objective.mim_decoder=segmenter" in res.stderr and "Traceback" not in res.stderr

@@ -181,6 +181,12 @@ class UNetDecoder(nn.Module):
         if len(decoder_channels) < 1:
             raise ValueError("decoder_channels needs at least one entry")
         self.num_skips = min(len(skip_channels), len(decoder_channels))
+        if image_skip_channels and self.num_skips < len(skip_channels):
+            raise ValueError(
+                f"image_skip_channels={image_skip_channels} would never be used: decoder_channels="
+                f"{tuple(decoder_channels)} has {len(decoder_channels)} blocks but the skips need "
+                f"{len(skip_channels)} (give decoder_channels {len(skip_channels)} entries)"
+            )
         ins = [in_channels[-1], *decoder_channels[:-1]]
         skips = skip_channels[: self.num_skips] + [0] * (len(decoder_channels) - self.num_skips)
         align = False if upsample_mode in ("bilinear", "bicubic") else None
