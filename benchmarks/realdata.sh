@@ -14,6 +14,7 @@
 #   bash benchmarks/realdata.sh scale   # part 8: data.resize settings on CamVid rescaled to 64-1024 px (~10 min)
 #   bash benchmarks/realdata.sh default # part 9: the fine-tuning default vs smp U-Net-R18 and SegFormer-B0 at equal CPU seconds (~55 min)
 #   bash benchmarks/realdata.sh pretrain_default  # part 10: MIM pretraining for the default, then part 9's fine-tune (~30 min)
+#   bash benchmarks/realdata.sh pretrain_segmenter  # part 11: whole-segmenter MIM, default + SegFormer-B0 (~75 min)
 #
 # Needs ../shared/data/{isbi2012_em,camvid} and segmentation-models-pytorch (pip install -e ".[bench]").
 # Budgets (hybrid_nano, 100 pretraining steps of 16 images, 200 fine-tuning steps of 8 crops of
@@ -274,7 +275,38 @@ if [ "$PART" = all ] || [ "$PART" = pretrain_default ]; then
     python benchmarks/peers_seg.py --summarize "$RES"/default_*.json | tee "$RES/default_summary.md"
 fi
 
+# Part 11: pretraining the whole segmenter (objective.mim_decoder=segmenter: MIM through the model's own
+# decoder, fine-tuned from <out>/segmenter with only its output layer fresh), MAE norm-pix targets,
+# 250 steps of 16 crops (less CPU than the fine-tune), for the default and for SegFormer-B0 (ours,
+# 560 fine-tuning steps: about the default's CPU time), against scratch at the same fine-tuning steps.
+if [ "$PART" = all ] || [ "$PART" = pretrain_segmenter ]; then
+    rm -rf runs/realdata/segpre_*
+    for ds in isbi camvid; do
+        pre=$([ "$ds" = isbi ] && echo isbi_em || echo camvid)
+        for model in sequential_unet_tiny segformer_b0; do
+            steps=$([ "$model" = segformer_b0 ] && echo 560 || echo 420)
+            out="runs/realdata/segpre_${ds}_${model}"
+            timed "segpre_${ds}_${model}_pretrain" python pretrain/run.py --config "configs/pretrain/$pre.yaml" \
+                model.name=$model objective.name=mim objective.mim_decoder=segmenter objective.norm_pix_loss=true \
+                train.max_steps=250 train.ckpt_every=250 train.output_dir="$out/pretrain"
+            for seed in 0 1; do
+                if [ "$model" = segformer_b0 ]; then  # part 9 has the default's scratch rows
+                    timed "segpre_${ds}_${model}_scratch_seed$seed" python benchmarks/peers_seg.py \
+                        --config "configs/finetune/${ds}_scratch.yaml" model.name=$model train.max_steps=$steps \
+                        train.seed=$seed --output-root "$out/scratch_seed$seed" \
+                        --json "$RES/segpre_${ds}_${model}_scratch_seed$seed.json" --models ours
+                fi
+                timed "segpre_${ds}_${model}_pretrained_seed$seed" python benchmarks/peers_seg.py \
+                    --config "configs/finetune/${ds}_scratch.yaml" model.name= model.init="$out/pretrain/segmenter" \
+                    train.max_steps=$steps train.seed=$seed --output-root "$out/pretrained_seed$seed" \
+                    --json "$RES/segpre_${ds}_${model}_pretrained_seed$seed.json" --models ours
+            done
+        done
+    done
+    python benchmarks/peers_seg.py --summarize "$RES"/segpre_*.json | tee "$RES/segpre_summary.md"
+fi
+
 shopt -s nullglob
 case "$PART" in distill*) exit 0 ;; esac  # the distillation parts print their own table
-case "$PART" in scale | default | pretrain_default) exit 0 ;; esac  # so do these
+case "$PART" in scale | default | pretrain_default | pretrain_segmenter) exit 0 ;; esac  # so do these
 python benchmarks/peers_seg.py --summarize "$RES"/isbi_*.json "$RES"/camvid_*.json | tee "$RES/summary.md"

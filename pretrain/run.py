@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from hybridvision.config import DataConfig, cli_main, config_to_dict  # noqa: E402
+from hybridvision.config import ConfigError, DataConfig, cli_main, config_to_dict  # noqa: E402
 from hybridvision.data.from_config import (
     build_labelled_datasets,  # noqa: E402
     build_unlabelled_dataset,  # noqa: E402
@@ -33,7 +33,8 @@ from hybridvision.engine import (  # noqa: E402
     pending_exit_code,
     shutdown_distributed,
 )
-from hybridvision.models import create_encoder, create_segmenter, save_pretrained  # noqa: E402
+from hybridvision.models import create_encoder, create_segmenter, list_models, save_pretrained  # noqa: E402
+from hybridvision.models.registry import segmenter_spec  # noqa: E402
 from hybridvision.probe import dense_linear_probe  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.heads import classifier_prefix  # noqa: E402
@@ -63,6 +64,12 @@ def build_model(cfg: PretrainConfig) -> PretrainModel:
     if obj.mim_decoder == "segmenter":  # the whole segmenter, reconstructing its C input channels
         segmenter = create_segmenter(cfg.model.name, num_classes=c, in_chans=c, **cfg.model.overrides)
         return PretrainModel.from_segmenter(segmenter, obj.name, **options)
+    if cfg.model.name in list_models("segmenter"):
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} is a segmenter preset (encoder "
+            f"{segmenter_spec(cfg.model.name).encoder!r}): pretrain its encoder with model.name="
+            f"{segmenter_spec(cfg.model.name).encoder}, or the whole segmenter with objective.mim_decoder=segmenter"
+        )
     encoder = create_encoder(cfg.model.name, in_chans=c, **cfg.model.overrides)
     return PretrainModel(encoder, obj.name, **options)
 

@@ -183,3 +183,17 @@ def test_make_varsize_rescales_images_and_masks_together(tmp_path: Path):
             assert 16 <= min(image.size) <= 128 and abs(image.size[0] / image.size[1] - 48 / 36) < 0.05
             shorts.append(min(image.size))
     assert len(set(shorts)) > 1  # sizes vary
+
+
+def test_precision_benchmark_prints_every_op(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    bench = _load("precision")
+    monkeypatch.setattr(bench, "LINEARS", [(64, 16, 32), (32, 8, 8)])
+    monkeypatch.setattr(bench, "CONVS", [(4, 8)])
+    ratios = bench.main(["--reps", "1"])
+    out = capsys.readouterr().out
+    assert list(ratios) == ["linear 64x16 -> 32", "linear 32x8 -> 8", "conv3x3 8x4x8x8"]
+    for name, ratio in ratios.items():
+        assert math.isfinite(ratio) and ratio > 0
+        assert any(line.startswith(name) for line in out.splitlines())

@@ -123,3 +123,9 @@ def test_segmenter_decoder_needs_a_reconstruction_objective(tmp_path: Path):
     )
     assert res.returncode == 2
     assert "objective.mim_decoder=segmenter" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_segmenter_preset_as_encoder_says_both_ways(tmp_path: Path):
+    res = run_stage("pretrain/run.py", *tiny_pretrain_args(tmp_path), "model.name=segformer_nano")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "model.name=mit_nano" in res.stderr and "objective.mim_decoder=segmenter" in res.stderr
