@@ -131,7 +131,7 @@ class DistillConfig:
             batch_size=16,
             ckpt_every=100,
             eval_every=100,
-            mixed_precision="bf16",
+            mixed_precision="auto",
         )
     )
     optim: OptimConfig = field(

@@ -87,7 +87,9 @@ class TrainConfig:
     max_steps: int = 200  # optimizer steps to train for
     batch_size: int = 16  # samples per process per micro-batch
     grad_accum_steps: int = 1  # micro-batches accumulated into one optimizer step
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype (Accelerate)
+    # autocast dtype (Accelerate); auto: bf16 on GPUs that support it (else fp16), on CPUs bf16 only
+    # with AMX (without it bf16 matmuls/convs run slower than fp32: benchmarks/precision.py), else no
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"
     seed: int = 0  # global seed (model init, data order, augmentations)
     resume: str = "auto"  # auto: newest complete checkpoint in output_dir; never; or a checkpoint path
     log_every: int = 10  # steps between scalar logs

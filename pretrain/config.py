@@ -69,7 +69,7 @@ class PretrainConfig:
             batch_size=32,
             ckpt_every=50,
             eval_every=75,
-            mixed_precision="bf16",
+            mixed_precision="auto",
             log_images_every=50,
         )
     )

@@ -76,7 +76,10 @@ def test_unknown_key_in_yaml_names_file(tmp_path):
     ("override", "fragment"),
     [
         ("train.max_steps=abc", "train.max_steps: expected int, got 'abc'"),
-        ("train.mixed_precision=fp8", "train.mixed_precision: expected one of 'no' | 'bf16' | 'fp16'"),
+        (
+            "train.mixed_precision=fp8",
+            "train.mixed_precision: expected one of 'auto' | 'no' | 'bf16' | 'fp16'",
+        ),
         ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
         ("train.max_steps=-1", "max_steps must be > 0"),
         ("train.max_steps.x=1", "train.max_steps is a int, it has no sub-keys"),
