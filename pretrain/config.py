@@ -12,13 +12,15 @@ from hybridvision.config import ConfigError, DataConfig, ModelConfig, OptimConfi
 class ObjectiveConfig:
     """Self-supervised objective(s)."""
 
-    name: Literal["contrastive", "mim", "contrastive_mim"] = "contrastive_mim"  # what to optimise
+    # what to optimise; dense_contrastive: point-level NT-Xent between two views (pretrain/dense.py)
+    name: Literal["contrastive", "mim", "contrastive_mim", "dense_contrastive"] = "contrastive_mim"
     contrastive_weight: float = 1.0  # weight of NT-Xent in contrastive_mim
     mim_weight: float = 1.0  # weight of the reconstruction loss in contrastive_mim
     temperature: float = 0.2  # NT-Xent temperature
     projection_dim: int = 128  # projection head output size
     projection_hidden_dim: int = 0  # projection head hidden size (0: last-stage channels)
     projection_layers: int = 2  # linear layers in the projection head
+    dense_points: int = 64  # dense_contrastive: points sampled per image (positives across the views)
     mask_patch_size: int = 32  # MIM mask block side (pixels)
     mask_ratio: float = 0.6  # MIM fraction of masked blocks
     # reconstruction decoder; segmenter: the fine-tuning model's own decoder (model.name = a segmenter
@@ -37,7 +39,7 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.temperature <= 0:
             raise ConfigError(f"objective.temperature must be > 0, got {self.temperature}")
-        if self.mim_decoder == "segmenter" and self.name == "contrastive":
+        if self.mim_decoder == "segmenter" and self.name in ("contrastive", "dense_contrastive"):
             raise ConfigError(
                 "objective.mim_decoder=segmenter trains the decoder by reconstruction: "
                 "use objective.name=mim or contrastive_mim"

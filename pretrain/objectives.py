@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from hybridvision.models.base import Encoder, Segmenter, mask_to
 
+from .dense import make_dense_views, sample_points
 from .heads import (
     MultiScaleDecoder,
     SegmentationDecoderHead,
@@ -73,6 +74,7 @@ __all__ = [
     "OBJECTIVES",
     "CombinedObjective",
     "ContrastiveObjective",
+    "DenseContrastiveObjective",
     "MIMObjective",
     "PretrainModel",
     "PretrainOutput",
@@ -82,7 +84,7 @@ __all__ = [
     "scaled_lr",
 ]
 
-OBJECTIVES = ("contrastive", "mim", "contrastive_mim")
+OBJECTIVES = ("contrastive", "mim", "contrastive_mim", "dense_contrastive")
 
 
 @dataclass
@@ -386,6 +388,88 @@ class MIMObjective(nn.Module):
         return PretrainOutput(loss=loss, terms={"mim": loss.detach()}, stats=stats, images=images)
 
 
+class DenseContrastiveObjective(nn.Module):
+    """Point-level NT-Xent between two views of each image (DenseCL / PixPro / VICRegL family).
+
+    Both views of an image contain a shared anchor box; ``points`` positions in it are sampled
+    from every encoder stage of each view (bilinear, concatenated: a hypercolumn) and projected;
+    the same point in the other view is the positive, every other point of the batch a negative
+    (``pretrain.dense`` has the geometry). Reads ``batch["image"]`` (the MIM crop).
+
+    Args:
+        encoder: the encoder (read for its stage channels and size divisor).
+        points: positions sampled per image.
+        projection_dim: output size of the projection.
+        hidden_dim: hidden size of the 2-layer projection MLP.
+        temperature: NT-Xent temperature.
+        anchor_scale: area fraction range of the anchor box that both views contain.
+        view_scale: area fraction range of each view box (at least the anchor's).
+        brightness: a view adds ``U(-brightness, brightness)`` (normalised units).
+        contrast: a view scales by ``U(1 - contrast, 1 + contrast)`` around its mean.
+        noise: a view adds Gaussian noise of std ``U(0, noise)``.
+        gather_distributed: negatives from every process (lightly's gather layer).
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        points: int = 64,
+        projection_dim: int = 128,
+        hidden_dim: int = 256,
+        temperature: float = 0.2,
+        anchor_scale: tuple[float, float] = (0.1, 0.3),
+        view_scale: tuple[float, float] = (0.3, 1.0),
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        noise: float = 0.1,
+        gather_distributed: bool = True,
+    ):
+        super().__init__()
+        if points < 2:
+            raise ValueError(f"points must be >= 2, got {points}")
+        for name, (lo, hi) in (("anchor_scale", anchor_scale), ("view_scale", view_scale)):
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {(lo, hi)}")
+        self.points = points
+        self.size_divisor = int(encoder.size_divisor)
+        self.view_options = dict(
+            anchor_scale=anchor_scale,
+            view_scale=view_scale,
+            brightness=brightness,
+            contrast=contrast,
+            noise=noise,
+        )
+        dim = sum(encoder.out_channels)
+        self.projection = nn.Sequential(
+            nn.Linear(dim, hidden_dim),
+            nn.LayerNorm(hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, projection_dim),
+        )
+        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed)
+
+    def forward(self, encoder: Encoder, batch: dict[str, Tensor]) -> PretrainOutput:
+        """Point-level NT-Xent of two views made from ``batch["image"]`` (B, C, H, W)."""
+        x = _require(batch, "image", "dense_contrastive")
+        b, _, h, w = x.shape
+        with torch.no_grad():
+            views, grids, _ = make_dense_views(x.float(), self.points, **self.view_options)
+        feats = encoder.forward_features(views.to(x.dtype))
+        d = self.size_divisor
+        padded = (math.ceil(h / d) * d, math.ceil(w / d) * d)
+        hyper = sample_points(feats, grids, (h, w), padded)  # (2B, N, sum C)
+        z = self.projection(hyper.reshape(2, b * self.points, -1))  # (2, B*N, D)
+        loss = self.criterion(z[0], z[1])
+        with torch.no_grad():
+            zn = F.normalize(z.float(), dim=-1)
+            stats = {
+                "dense_positive_cosine": (zn[0] * zn[1]).sum(-1).mean(),
+                "dense_negative_cosine": (zn[0] @ zn[1].T).mean(),
+                "embedding_std": embedding_std(z[0].float()),
+            }
+        return PretrainOutput(loss=loss, terms={"dense_contrastive": loss.detach()}, stats=stats)
+
+
 class CombinedObjective(nn.Module):
     """Contrastive + masked image modelling on the same step: ``wc * L_contrastive + wm * L_mim``.
 
@@ -456,6 +540,7 @@ def build_objective(
     gather_distributed: bool = True,
     max_log_images: int = 8,
     segmentation_decoder: nn.Module | None = None,
+    dense_points: int = 64,
 ) -> nn.Module:
     """Build an objective module by name from plain arguments (no config object).
 
@@ -479,11 +564,22 @@ def build_objective(
         gather_distributed: global negatives / global loss normalisation under DDP.
         max_log_images: images kept for logging (MIM).
         segmentation_decoder: the segmenter's decoder (``in_chans`` outputs) as the MIM decoder.
+        dense_points: points per image of ``dense_contrastive``.
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
     if segmentation_decoder is not None and name == "contrastive":
         raise ValueError("a segmentation decoder is a MIM decoder: use objective mim or contrastive_mim")
+    if name == "dense_contrastive":
+        if segmentation_decoder is not None:
+            raise ValueError("a segmentation decoder is a MIM decoder: use objective mim or contrastive_mim")
+        return DenseContrastiveObjective(
+            encoder,
+            points=dense_points,
+            projection_dim=projection_dim,
+            temperature=temperature,
+            gather_distributed=gather_distributed,
+        )
     contrastive = mim = None
     if name in ("contrastive", "contrastive_mim"):
         contrastive = ContrastiveObjective(

@@ -59,6 +59,7 @@ def build_model(cfg: PretrainConfig) -> PretrainModel:
         norm_pix_loss=obj.norm_pix_loss,
         contrastive_weight=obj.contrastive_weight,
         mim_weight=obj.mim_weight,
+        dense_points=obj.dense_points,
     )
     c = cfg.data.in_chans
     if obj.mim_decoder == "segmenter":  # the whole segmenter, reconstructing its C input channels

@@ -48,7 +48,7 @@ __all__ = [
 #: ImageNet statistics averaged over RGB, for grayscale images (as ``hybridvision.data.transforms``)
 GREY_MEAN, GREY_STD = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
 
-OBJECTIVES = ("contrastive", "mim", "contrastive_mim")
+OBJECTIVES = ("contrastive", "mim", "contrastive_mim", "dense_contrastive")
 PRESETS = ("auto", "rgb", "grayscale", "multiband")
 
 Normalize = str | tuple[Sequence[float], Sequence[float]] | None
@@ -228,7 +228,8 @@ def build_pretrain_transform(
     """Build the per-sample transform of a pretraining objective.
 
     Args:
-        objective: ``"contrastive"`` (views only), ``"mim"`` (image only) or ``"contrastive_mim"``.
+        objective: ``"contrastive"`` (views only), ``"mim"`` or ``"dense_contrastive"`` (image only;
+            the dense views are made per batch) or ``"contrastive_mim"``.
         in_chans: image channels.
         size: output side in pixels (square crops).
         preset: ``"auto"`` (``rgb`` for 3 channels, ``grayscale`` for 1, ``multiband`` otherwise),
@@ -257,7 +258,7 @@ def build_pretrain_transform(
         else:
             view = _tensor_view(size, min_scale, brightness, contrast, sigmas, norm)
     mim = None
-    if objective in ("mim", "contrastive_mim"):
+    if objective in ("mim", "contrastive_mim", "dense_contrastive"):  # dense: views are made per batch
         mim = v2.Compose(
             [
                 v2.RandomResizedCrop(size, scale=(mim_min_scale, 1.0), antialias=True),

@@ -23,6 +23,7 @@ from pretrain.views import (
         ("contrastive", {"view0", "view1"}),
         ("mim", {"image"}),
         ("contrastive_mim", {"view0", "view1", "image"}),
+        ("dense_contrastive", {"image"}),
     ],
 )
 @pytest.mark.parametrize("in_chans", [1, 3, 4])

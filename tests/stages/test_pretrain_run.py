@@ -45,7 +45,7 @@ def test_unknown_model_name_lists_valid(tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["contrastive", "mim"])
+@pytest.mark.parametrize("objective", ["contrastive", "mim", "dense_contrastive"])
 def test_single_objectives_run(tmp_path: Path, objective: str):
     res = run_stage(
         "pretrain/run.py", *tiny_pretrain_args(tmp_path), f"objective.name={objective}", "probe.source=none"
