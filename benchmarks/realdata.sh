@@ -15,6 +15,8 @@
 #   bash benchmarks/realdata.sh default # part 9: the fine-tuning default vs smp U-Net-R18 and SegFormer-B0 at equal CPU seconds (~55 min)
 #   bash benchmarks/realdata.sh pretrain_default  # part 10: MIM pretraining for the default, then part 9's fine-tune (~30 min)
 #   bash benchmarks/realdata.sh pretrain_segmenter  # part 11: whole-segmenter MIM, default + SegFormer-B0 (~75 min)
+#   bash benchmarks/realdata.sh pretrain_dense      # part 12: dense contrastive for the default (~35 min)
+#   bash benchmarks/realdata.sh isbi_probes         # part 13: ISBI diagnostics, seed 0 (~30 min)
 #
 # Needs ../shared/data/{isbi2012_em,camvid} and segmentation-models-pytorch (pip install -e ".[bench]").
 # Budgets (hybrid_nano, 100 pretraining steps of 16 images, 200 fine-tuning steps of 8 crops of
@@ -306,7 +308,49 @@ if [ "$PART" = all ] || [ "$PART" = pretrain_segmenter ]; then
     python benchmarks/peers_seg.py --summarize "$RES"/segpre_*.json | tee "$RES/segpre_summary.md"
 fi
 
+# Part 12: dense (point-level) contrastive pretraining of the default's encoder, 200 steps of 16
+# images (two views each), then part 9's fine-tune from the encoder.
+if [ "$PART" = all ] || [ "$PART" = pretrain_dense ]; then
+    for ds in isbi camvid; do
+        pre=$([ "$ds" = isbi ] && echo isbi_em || echo camvid)
+        out="runs/realdata/densepre_${ds}"
+        rm -rf "$out"
+        timed "densepre_${ds}_pretrain" python pretrain/run.py --config "configs/pretrain/$pre.yaml" \
+            model.name=sequential_tiny objective.name=dense_contrastive \
+            train.max_steps=200 train.ckpt_every=200 train.output_dir="$out/pretrain"
+        for seed in 0 1; do
+            timed "densepre_${ds}_seed$seed" python benchmarks/peers_seg.py \
+                --config "configs/finetune/${ds}_scratch.yaml" model.name=sequential_unet_tiny \
+                model.init="$out/pretrain/encoder" train.max_steps=420 train.seed=$seed \
+                --output-root "$out/ft_seed$seed" --json "$RES/densepre_${ds}_seed$seed.json" --models ours
+        done
+    done
+    python benchmarks/peers_seg.py --summarize "$RES"/densepre_*.json | tee "$RES/densepre_summary.md"
+fi
+
+# Part 13: why nothing pays on ISBI (seed 0 each): twice the fine-tuning steps from scratch; MIM
+# through the segmenter with 8-px masks and plain L1 targets (its loss falls further than norm-pix's);
+# the part-11 segmenter init fine-tuned with layer-wise LR decay 0.8.
+if [ "$PART" = all ] || [ "$PART" = isbi_probes ]; then
+    out=runs/realdata/isbi_probes
+    rm -rf "$out"
+    timed isbi_probe_scratch840 python benchmarks/peers_seg.py --config configs/finetune/isbi_scratch.yaml \
+        model.name=sequential_unet_tiny train.max_steps=840 --output-root "$out/scratch840" \
+        --json "$RES/segprobe_isbi_sequential_unet_tiny_scratch840_seed0.json" --models ours
+    timed isbi_probe_mask8_pretrain python pretrain/run.py --config configs/pretrain/isbi_em.yaml \
+        model.name=sequential_unet_tiny objective.name=mim objective.mim_decoder=segmenter \
+        objective.mask_patch_size=8 train.max_steps=250 train.ckpt_every=250 train.output_dir="$out/mask8"
+    timed isbi_probe_mask8 python benchmarks/peers_seg.py --config configs/finetune/isbi_scratch.yaml \
+        model.name= model.init="$out/mask8/segmenter" train.max_steps=420 --output-root "$out/mask8_ft" \
+        --json "$RES/segprobe_isbi_sequential_unet_tiny_mask8_l1_seed0.json" --models ours
+    timed isbi_probe_layer_decay python benchmarks/peers_seg.py --config configs/finetune/isbi_scratch.yaml \
+        model.name= model.init=runs/realdata/segpre_isbi_sequential_unet_tiny/pretrain/segmenter \
+        train.max_steps=420 optim.layer_decay=0.8 --output-root "$out/layer_decay" \
+        --json "$RES/segprobe_isbi_sequential_unet_tiny_layer_decay08_seed0.json" --models ours
+    python benchmarks/peers_seg.py --summarize "$RES"/segprobe_*.json | tee "$RES/segprobe_summary.md"
+fi
+
 shopt -s nullglob
 case "$PART" in distill*) exit 0 ;; esac  # the distillation parts print their own table
-case "$PART" in scale | default | pretrain_default | pretrain_segmenter) exit 0 ;; esac  # so do these
+case "$PART" in scale | default | pretrain_default | pretrain_segmenter | pretrain_dense | isbi_probes) exit 0 ;; esac  # so do these
 python benchmarks/peers_seg.py --summarize "$RES"/isbi_*.json "$RES"/camvid_*.json | tee "$RES/summary.md"
