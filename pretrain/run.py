@@ -221,6 +221,8 @@ def main(cfg: PretrainConfig) -> None:
     if acc.unwrap_model(engine.model).segmenter_build is not None:
         out_dir = out_dir.parent / "segmenter"
         engine.print(f"encoder written to {out_dir.parent / 'encoder'}, encoder + decoder to {out_dir}")
+    else:
+        engine.print(f"encoder written to {out_dir}")
     engine.print(f"fine-tune with: python finetune/run.py model.init={out_dir}")
     engine.close()
 

@@ -52,6 +52,8 @@ def test_single_objectives_run(tmp_path: Path, objective: str):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "encoder" / "model.safetensors").is_file()
+    assert f"encoder written to {tmp_path / 'encoder'}" in res.stdout
+    assert f"model.init={tmp_path / 'encoder'}" in res.stdout and not (tmp_path / "segmenter").exists()
 
 
 # two processes (default trackers, unused parameters under DDP): tests/stages/test_multiprocess.py
