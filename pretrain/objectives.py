@@ -568,11 +568,9 @@ def build_objective(
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
-    if segmentation_decoder is not None and name == "contrastive":
+    if segmentation_decoder is not None and name in ("contrastive", "dense_contrastive"):
         raise ValueError("a segmentation decoder is a MIM decoder: use objective mim or contrastive_mim")
     if name == "dense_contrastive":
-        if segmentation_decoder is not None:
-            raise ValueError("a segmentation decoder is a MIM decoder: use objective mim or contrastive_mim")
         return DenseContrastiveObjective(
             encoder,
             points=dense_points,
