@@ -49,6 +49,7 @@ from torch import Tensor, nn  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 from finetune.run import main as finetune_main  # noqa: E402
 from hybridvision.config import config_to_dict, load_config  # noqa: E402
+from hybridvision.engine import pending_exit_code  # noqa: E402
 from hybridvision.models.base import pad_to_multiple  # noqa: E402
 
 
@@ -123,6 +124,13 @@ def run_one(name: str, cfg: FinetuneConfig) -> dict[str, Any]:
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     metrics = finetune_main(cfg, model=model)
     wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
+    if pending_exit_code():  # stopped by a signal: no model to score; the checkpoint resumes it
+        print(
+            f"{name}: interrupted; nothing scored. Run the same command again to resume from "
+            f"{cfg.train.output_dir}/checkpoints",
+            file=sys.stderr,
+        )
+        sys.exit(pending_exit_code())
     if model is None:
         from hybridvision.models import from_pretrained
 

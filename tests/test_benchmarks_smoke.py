@@ -107,6 +107,20 @@ def test_peers_seg_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "Mean over seeds" in out and "| tiny | hf_segformer_b0 | 2 | 1 |" in out  # steps, runs
 
 
+def test_peers_seg_reports_an_interrupted_run_instead_of_scoring_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    bench = _load("peers_seg")
+    monkeypatch.setattr(bench, "finetune_main", lambda cfg, model=None: {})  # a signal stopped it
+    monkeypatch.setattr(bench, "pending_exit_code", lambda: 143)
+    cfg = bench.FinetuneConfig()
+    cfg.train.output_dir = str(tmp_path / "ours")
+    with pytest.raises(SystemExit) as stop:
+        bench.run_one("ours", cfg)
+    assert stop.value.code == 143
+    assert "interrupted" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_distill_benchmark_runs(isolated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]):
     """Every loop of benchmarks/distill.py prints a finite row (no timing asserted)."""
