@@ -1,13 +1,14 @@
 """Views and point correspondences for dense (point-level) contrastive learning
-(``objectives.DenseContrastiveObjective``): NT-Xent: NT-Xent between the features of the *same image
-point* seen in two augmented views, against every other sampled point of the batch.
+(``objectives.DenseContrastiveObjective``): NT-Xent between the features of the *same image point*
+seen in two augmented views, against every other sampled point of the batch.
 
 Image-level contrast (SimCLR) needs images that differ from each other; on a set where every image
 shows the same tissue it has nothing to separate. Point-level contrast separates *positions*
 (membrane vs cell interior, road vs sky) within and across images, which is what a segmentation
 encoder needs — the idea of DenseCL (Wang et al., 2021), PixPro / PixContrast (Xie et al., 2021),
 VICRegL (Bardes et al., 2022) and point-level region contrast (Bai et al., 2022). This module is the
-plain form with exact correspondences and no momentum encoder:
+plain form with exact correspondences and no momentum encoder (steps 1-2 here, 3-4 in the
+objective):
 
 1. For each image of ``batch["image"]`` (B, C, H, W) an anchor box is drawn
    (``anchor_scale`` of the area) and two view boxes that contain it (each ``view_scale`` of the
