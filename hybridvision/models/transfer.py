@@ -168,6 +168,7 @@ def build_segmenter(
 
     # a full model directory (ours or transformers SegFormer) or hub id
     loaded = from_pretrained(init)
+    source = init
     if isinstance(loaded, Segmenter):
         build = dict(loaded.build_kwargs)
         src_name = build.pop("name")
@@ -187,10 +188,8 @@ def build_segmenter(
         head = config.get("extra", {}).get("reconstruction_head")
         if head:  # a pretraining reconstruction layer: the new task's classifier starts fresh
             state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+            source = f"{init} (pretrained encoder + decoder; {head} re-initialised for the task)"
         load_matching(model, state, strict, report)
-        if head:
-            report.source = f"{init} (pretrained encoder + decoder; {head} re-initialised for the task)"
-            return model, report
     elif isinstance(loaded, Encoder):
         build = dict(loaded.build_kwargs)
         src_name = build.pop("name")
@@ -201,7 +200,7 @@ def build_segmenter(
         load_matching(model.encoder, loaded.state_dict(), strict, report, prefix="encoder.")
     else:  # pragma: no cover - from_pretrained only returns the two kinds
         raise TypeError(type(loaded))
-    report.source = init
+    report.source = source
     return model, report
 
 
