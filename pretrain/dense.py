@@ -16,7 +16,8 @@ objective):
    random and gets its own brightness / contrast / noise.
 2. ``points`` positions are drawn uniformly inside the anchor box; their coordinates in each view
    follow from the boxes and flips, so correspondence is exact.
-3. Every encoder stage is sampled bilinearly at those coordinates (``F.grid_sample``) and the
+3. Every encoder stage is sampled bilinearly at those coordinates (``F.grid_sample``; a point
+   within half a cell of a map's edge takes the edge cell's value, never a blend with zeros) and the
    per-stage features are concatenated (a hypercolumn, so every stage gets a gradient), then an
    MLP projection maps them to ``projection_dim``.
 4. lightly's ``NTXentLoss`` on the 2 x (B x points) embeddings: the same point in the other view is
@@ -132,16 +133,33 @@ def make_dense_views(
 def sample_points(
     feats: list[Tensor], grids: Tensor, image_size: tuple[int, int], padded_size: tuple[int, int]
 ) -> Tensor:
-    """Bilinear samples of every feature map at ``grids`` (2B, N, 2), concatenated over stages.
+    """Bilinear samples of every feature map at ``grids``, concatenated over stages.
 
-    The maps cover the input padded to ``padded_size`` (the encoder pads to its size divisor);
-    the grid coordinates refer to the unpadded ``image_size`` (H, W), so they are rescaled first.
+    A stage of stride ``s`` holds one value per ``s x s`` cell, located at the cell's centre
+    (``align_corners=False``: pixel ``p`` of the image lies at ``p / s - 0.5`` on the map). A point
+    between cell centres is the bilinear blend of its four neighbours; a point within half a cell of
+    the map's edge lies outside every centre and takes the nearest edge cell's value
+    (``padding_mode="border"``), so no sampled feature is ever blended with zeros. (With zero
+    padding, a 64-px view and a stride-32 stage, half of all points would be.)
+
+    The maps cover the input padded to ``padded_size`` (the encoder pads bottom/right to its size
+    divisor); the grid coordinates refer to the unpadded ``image_size`` (H, W), so they are rescaled
+    first.
+
+    Args:
+        feats: per-stage maps, each (2B, C_i, h_i, w_i).
+        grids: (2B, N, 2) point ``(x, y)`` in each view's [-1, 1] coordinates (``align_corners=False``).
+        image_size: (H, W) of the views.
+        padded_size: (Hp, Wp) the encoder's input after its padding.
 
     Returns:
-        (2B, N, sum of channels), fp32.
+        (2B, N, sum of C_i), fp32.
     """
     (h, w), (hp, wp) = image_size, padded_size
     ratio = torch.tensor([w / wp, h / hp], device=grids.device, dtype=torch.float32)
     grid = (((grids.float() + 1) * ratio) - 1)[:, :, None, :]  # (2B, N, 1, 2)
-    sampled = [F.grid_sample(f.float(), grid, mode="bilinear", align_corners=False)[..., 0] for f in feats]
+    sampled = [
+        F.grid_sample(f.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[..., 0]
+        for f in feats
+    ]  # each (2B, C_i, N)
     return torch.cat(sampled, dim=1).transpose(1, 2)  # (2B, N, sum C)

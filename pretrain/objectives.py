@@ -458,8 +458,10 @@ class DenseContrastiveObjective(nn.Module):
         d = self.size_divisor
         padded = (math.ceil(h / d) * d, math.ceil(w / d) * d)
         hyper = sample_points(feats, grids, (h, w), padded)  # (2B, N, sum C)
-        z = self.projection(hyper.reshape(2, b * self.points, -1))  # (2, B*N, D)
-        loss = self.criterion(z[0], z[1])
+        z = self.projection(hyper.reshape(2, b * self.points, -1)).float()  # (2, B*N, D)
+        # NT-Xent in fp32 under autocast too, as in ContrastiveObjective (bf16 logits shift the loss)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            loss = self.criterion(z[0], z[1])
         with torch.no_grad():
             zn = F.normalize(z.float(), dim=-1)
             stats = {
