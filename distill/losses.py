@@ -4,9 +4,24 @@ Every loss compares the student's logits or features with a frozen teacher's and
 Logits are ``(B, K, H, W)``; when teacher and student predict at different resolutions, both are
 resized (bilinear, ``align_corners=False``) to one grid first (:func:`align_logits`). Pixels whose
 label is ``ignore_index`` are excluded through a ``valid`` mask ``(B, H, W)`` (bool); ``valid=None``
-means every pixel counts (unlabelled images). A 1-logit binary model is read as the two-class logits
-``[0, z]`` (:func:`as_two_class`): a softmax over a single channel is identically 1 and would make
-every distillation term silently zero.
+means every pixel counts (unlabelled images). For KD and DIST, whose softmax runs over the classes,
+a 1-logit binary model is read as the two-class logits ``[0, z]`` (:func:`as_two_class`): a softmax
+over a single channel is identically 1 and would make those terms silently zero. CWD's softmax runs
+over space, so it takes the single channel as it is (C = 1), as the reference formula does.
+
+Distributed training (DDP), and what 2 processes x B equals:
+
+* Means over pixels or images are *global*: KD (over valid pixels), CWD (over images x channels),
+  DIST's inter-class term (over valid pixels) and the feature term (over feature elements). With
+  ``gather_distributed`` the count is all-reduced (no gradient) and each process returns
+  ``W * local_sum / global_count``; the mean over processes is then the mean over the whole batch,
+  and DDP's gradient average its gradient, so 2 x B gives the same loss and gradients as 1 x 2B
+  even when the processes hold different numbers of ignored pixels.
+* DIST's intra-class term is a *per-batch statistic*: a Pearson correlation across the valid pixels
+  of the process's own batch. Under DDP the loss is the mean over processes of each one's term, which
+  depends on how the batch is split (2 x B differs from 1 x 2B); it is not synchronised.
+* The task loss is whatever ``DistillCriterion``'s ``task`` computes; ``hybridvision.losses``'
+  per-pixel losses average over the process's own valid pixels.
 """
 
 from __future__ import annotations
@@ -15,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -74,8 +90,38 @@ def _valid_weights(valid: Tensor | None, like: Tensor) -> Tensor | None:
     return valid.to(like.dtype)
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _global_mean(total: Tensor, count: Tensor | int, gather_distributed: bool) -> Tensor:
+    """``total / count`` with the count of every process (see the module docstring).
+
+    Args:
+        total: 0-dim sum over this process's elements (carries the gradient).
+        count: this process's number of elements (no gradient).
+        gather_distributed: all-reduce ``count`` when a process group of more than one process is
+            initialised; every process must then call this.
+
+    Returns:
+        ``W * total / sum of counts`` under DDP with ``W`` processes, else ``total / count``; 0 (not
+        NaN) when there is no element anywhere.
+    """
+    count = torch.as_tensor(count, dtype=torch.float32, device=total.device).detach()
+    world = _world_size()
+    if gather_distributed and world > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        return total * world / count.clamp_min(1.0)
+    return total / count.clamp_min(1.0)
+
+
 def kd_loss(
-    student: Tensor, teacher: Tensor, temperature: float = 1.0, valid: Tensor | None = None
+    student: Tensor,
+    teacher: Tensor,
+    temperature: float = 1.0,
+    valid: Tensor | None = None,
+    gather_distributed: bool = True,
 ) -> Tensor:
     """Pixel-wise knowledge distillation (Hinton et al., "Distilling the Knowledge in a Neural
     Network", 2015), applied independently at every pixel:
@@ -83,14 +129,16 @@ def kd_loss(
         KD = T² · mean over valid pixels p of  Σ_k q_t[p,k] · (log q_t[p,k] − log q_s[p,k]),
         q = softmax(logits / T) over the K classes,
 
-    i.e. ``T² · KL(q_t ‖ q_s)`` summed over classes and averaged over valid pixels. The ``T²`` keeps
-    the gradient scale independent of ``T``. With no valid pixel the loss is 0 (not NaN).
+    i.e. ``T² · KL(q_t ‖ q_s)`` summed over classes and averaged over valid pixels (of every process
+    with ``gather_distributed``). The ``T²`` keeps the gradient scale independent of ``T``. With no
+    valid pixel the loss is 0 (not NaN).
 
     Args:
         student: (B, K, H, W) student logits (or (N, K) rows; then ``valid`` is (N,)).
         teacher: same shape, teacher logits (no gradient flows into them).
         temperature: T > 0.
         valid: (B, H, W) bool mask of pixels that count, or None for all.
+        gather_distributed: average over the valid pixels of all processes (module docstring).
     """
     if student.shape != teacher.shape:
         raise ValueError(f"kd_loss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
@@ -100,30 +148,43 @@ def kd_loss(
     per_pixel = (log_qt.exp() * (log_qt - log_qs)).sum(dim=1)  # (B, H, W)
     w = _valid_weights(valid, per_pixel)
     if w is None:
-        return per_pixel.mean() * temperature**2
-    return (per_pixel * w).sum() / w.sum().clamp_min(1.0) * temperature**2
+        total, count = per_pixel.sum(), per_pixel.numel()
+    else:
+        total, count = (per_pixel * w).sum(), w.sum()
+    return _global_mean(total, count, gather_distributed) * temperature**2
 
 
-def cwd_loss(student: Tensor, teacher: Tensor, tau: float = 1.0, valid: Tensor | None = None) -> Tensor:
+def cwd_loss(
+    student: Tensor,
+    teacher: Tensor,
+    tau: float = 1.0,
+    valid: Tensor | None = None,
+    gather_distributed: bool = True,
+) -> Tensor:
     """Channel-wise distillation (Shu et al., "Channel-wise Knowledge Distillation for Dense
     Prediction", ICCV 2021):
 
         CWD = τ² / (N·C) · Σ_{n,c} Σ_{i ∈ HW} p_t[n,c,i] · log(p_t[n,c,i] / p_s[n,c,i]),
         p[n,c,:] = softmax(logits[n,c,:] / τ) over the spatial positions of channel c,
 
-    so each channel's activation map is matched as a distribution over locations. Ignored pixels
-    are left out of the spatial softmax (they carry no probability in either distribution).
+    so each channel's activation map is matched as a distribution over locations (mmrazor's
+    ``ChannelWiseDivergence``). The softmax is over space, so a 1-logit binary model is used as it
+    is (C = 1): its two-class view ``[0, z]`` would add a constant channel, uniform in both
+    distributions, that contributes 0 and halves the loss through C = 2. Ignored pixels are left out
+    of the spatial softmax (they carry no probability in either distribution). ``N·C`` counts the
+    images of every process with ``gather_distributed``.
 
     Args:
-        student, teacher: (B, C, H, W) logits (or feature maps with equal channels).
+        student, teacher: (B, C, H, W) logits (or feature maps with equal channels), C >= 1.
         tau: temperature τ > 0.
         valid: (B, H, W) bool mask, or None for all pixels.
+        gather_distributed: average over the images of all processes (module docstring).
     """
     if student.shape != teacher.shape:
         raise ValueError(
             f"cwd_loss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ"
         )
-    s, t = as_two_class(student.float()), as_two_class(teacher.detach().float())
+    s, t = student.float(), teacher.detach().float()
     n, c = s.shape[:2]
     s = (s / tau).flatten(2)  # (N, C, HW)
     t = (t / tau).flatten(2)
@@ -140,7 +201,7 @@ def cwd_loss(student: Tensor, teacher: Tensor, tau: float = 1.0, valid: Tensor |
     terms = pt * (log_pt - log_ps)
     if valid is not None:
         terms = torch.where(keep & has_pixel, terms, torch.zeros_like(terms))  # 0·(−inf − −inf) = NaN
-    return terms.sum() / (n * c) * tau**2
+    return _global_mean(terms.sum(), n * c, gather_distributed) * tau**2
 
 
 def _pearson(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
@@ -159,6 +220,7 @@ def dist_loss(
     valid: Tensor | None = None,
     tau_squared: bool = True,
     return_terms: bool = False,
+    gather_distributed: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """DIST (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022) for
     dense prediction: class probabilities ``y = softmax(logits / τ)`` at every valid pixel, then
@@ -167,10 +229,14 @@ def dist_loss(
         intra = 1 − mean over classes c of ρ(y_s[:, c], y_t[:, c])     (relations between pixels)
         DIST  = (τ² if tau_squared) · (β · inter + γ · intra),
 
-    ρ being the Pearson correlation; the intra-class term runs over all valid pixels of the batch.
-    Matching correlations instead of exact probabilities tolerates the scale and shift gap of a much
-    stronger teacher. With two classes (binary models) the inter-class term is degenerate: two
-    centred 2-vectors are always (anti-)parallel, so ρ = ±1 and the term has no gradient;
+    ρ being the Pearson correlation. The inter-class term is a mean over pixels: with
+    ``gather_distributed`` it runs over the valid pixels of every process. The intra-class term is a
+    **per-batch statistic**: each ρ(y_s[:, c], y_t[:, c]) is taken across the valid pixels of this
+    process's batch, so under DDP the loss is the mean over processes of each one's intra-class
+    term, and 2 processes x B differ from 1 x 2B (not synchronised); with fewer than 2 valid pixels
+    it is 0. Matching correlations instead of exact probabilities tolerates the scale and shift gap
+    of a much stronger teacher. With two classes (binary models) the inter-class term is degenerate:
+    two centred 2-vectors are always (anti-)parallel, so ρ = ±1 and the term has no gradient;
     ``distill/run.py`` then sets β = 0 and says so.
 
     Args:
@@ -180,6 +246,8 @@ def dist_loss(
         valid: (B, H, W) bool mask, or None for all pixels.
         tau_squared: multiply by τ² as the paper's code does (off gives the bare correlations).
         return_terms: also return (inter, intra) unweighted.
+        gather_distributed: the inter-class mean over the valid pixels of all processes (module
+            docstring); the intra-class term stays per process either way.
     """
     if student.shape != teacher.shape:
         raise ValueError(
@@ -192,11 +260,12 @@ def dist_loss(
     if valid is not None:
         keep = _valid_weights(valid, student).reshape(-1) > 0
         ys, yt = ys[keep], yt[keep]
-    if ys.shape[0] < 2:  # no (or one) valid pixel: no correlation to match
-        zero = student.sum() * 0.0
-        return (zero, zero, zero) if return_terms else zero
-    inter = 1.0 - _pearson(ys, yt, dim=1).mean()
-    intra = 1.0 - _pearson(ys, yt, dim=0).mean()
+    pixels = ys.shape[0]
+    zero = s.sum() * 0.0
+    inter_sum = (1.0 - _pearson(ys, yt, dim=1)).sum() if pixels else zero
+    inter = _global_mean(inter_sum, pixels, gather_distributed)  # every process, even with no pixel
+    # no (or one) valid pixel: no correlation across pixels to match
+    intra = 1.0 - _pearson(ys, yt, dim=0).mean() if pixels >= 2 else zero
     scale = tau**2 if tau_squared else 1.0
     total = scale * (beta * inter + gamma * intra)
     return (total, inter, intra) if return_terms else total
@@ -241,7 +310,11 @@ class FeatureDistiller(nn.Module):
         student_channels, student_reductions: the student encoder's contract.
         teacher_channels, teacher_reductions: the teacher encoder's contract.
         pairs: ``[(student_stage, teacher_stage)]`` (see :func:`match_stages`).
-        norm: ``"channel"`` or ``"none"``.
+        norm: ``"channel"`` or ``"none"``. A ``"channel"`` standardisation of a 1×1 map (e.g. a
+            32-px crop at a stride-32 stage) is all zeros, which would make the term silently 0
+            with no gradient: :meth:`loss` raises a ``ValueError`` instead.
+        gather_distributed: the MSE's mean runs over the elements of every process (see the
+            module docstring).
     """
 
     def __init__(
@@ -250,12 +323,14 @@ class FeatureDistiller(nn.Module):
         teacher_channels: Sequence[int],
         pairs: Sequence[tuple[int, int]],
         norm: Literal["channel", "none"] = "channel",
+        gather_distributed: bool = True,
     ) -> None:
         super().__init__()
         if norm not in ("channel", "none"):
             raise ValueError(f"feature norm must be 'channel' or 'none', got {norm!r}")
         self.pairs = [(int(s), int(t)) for s, t in pairs]
         self.norm = norm
+        self.gather_distributed = gather_distributed
         self.adapters = nn.ModuleList(
             nn.Conv2d(student_channels[s], teacher_channels[t], kernel_size=1) for s, t in self.pairs
         )
@@ -277,17 +352,30 @@ class FeatureDistiller(nn.Module):
         """MSE between adapted student features and resized teacher features, averaged over pairs.
 
         Args:
-            adapted: output of :meth:`adapt` (computed inside the student's forward pass).
-            teacher_feats: the teacher encoder's feature list.
+            adapted: output of :meth:`adapt` (computed inside the student's forward pass), each
+                (B, C_t, h_s, w_s).
+            teacher_feats: the teacher encoder's feature list, each (B, C_t, h_t, w_t).
             valid: unused (features have no label grid); kept for a uniform signature.
+
+        Raises:
+            ValueError: with ``norm="channel"``, when a paired student map is 1×1 (its per-channel
+                standardisation would be identically 0: no loss, no gradient).
         """
         del valid
-        total = adapted[0].new_zeros(())
-        for a, (_, t) in zip(adapted, self.pairs):
+        total = adapted[0].new_zeros((), dtype=torch.float32)
+        for a, (s, t) in zip(adapted, self.pairs):
+            if self.norm == "channel" and a.shape[-2] * a.shape[-1] == 1:
+                raise ValueError(
+                    f"feature distillation: student stage {s} gives a 1x1 map at this input size, and "
+                    "kd.feature_norm=channel standardises each channel over its positions, which for one "
+                    "position is identically 0 (loss 0, no gradient). Use a larger data.image_size, "
+                    "earlier stages in kd.feature_stages (e.g. [-2]) or kd.feature_norm=none"
+                )
             target = teacher_feats[t].detach().float()
             if tuple(target.shape[-2:]) != tuple(a.shape[-2:]):
                 target = F.interpolate(target, size=a.shape[-2:], mode="bilinear", align_corners=False)
-            total = total + F.mse_loss(self._normalise(a.float()), self._normalise(target))
+            squared = (self._normalise(a.float()) - self._normalise(target)).square()  # (B, C_t, h, w)
+            total = total + _global_mean(squared.sum(), squared.numel(), self.gather_distributed)
         return total / max(len(self.pairs), 1)
 
 
@@ -315,6 +403,8 @@ class DistillCriterion(nn.Module):
         feature_loss: ``(student_adapted, teacher_feats) -> Tensor`` when ``feature`` is active,
             normally :meth:`FeatureDistiller.loss` of the distiller that lives in the student wrapper
             (its adapters train with the student; the criterion holds no parameters).
+        gather_distributed: KD, CWD and DIST's inter-class term average over the pixels (images) of
+            every process; DIST's intra-class term is per process (see the module docstring).
     """
 
     def __init__(
@@ -331,6 +421,7 @@ class DistillCriterion(nn.Module):
         dist_tau_squared: bool = True,
         resize_to: str = "label",
         feature_loss: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor] | None = None,
+        gather_distributed: bool = True,
     ) -> None:
         super().__init__()
         if weights.get("feature", 0) > 0 and feature_loss is None:
@@ -344,6 +435,7 @@ class DistillCriterion(nn.Module):
         self.dist_tau_squared = dist_tau_squared
         self.resize_to = resize_to
         self.feature_loss = feature_loss
+        self.gather_distributed = gather_distributed
 
     def forward(
         self,
@@ -377,14 +469,22 @@ class DistillCriterion(nn.Module):
                 valid = valid | ~labelled.bool().view(-1, 1, 1)
             if tuple(valid.shape[-2:]) != tuple(s.shape[-2:]):
                 valid = _valid_weights(valid, s) > 0
+            gather = self.gather_distributed
             for name in logit_terms:
                 if name == "kd":
-                    value = kd_loss(s, t, self.temperature, valid)
+                    value = kd_loss(s, t, self.temperature, valid, gather)
                 elif name == "cwd":
-                    value = cwd_loss(s, t, self.cwd_tau, valid)
+                    value = cwd_loss(s, t, self.cwd_tau, valid, gather)
                 else:
                     value = dist_loss(
-                        s, t, self.dist_tau, self.dist_beta, self.dist_gamma, valid, self.dist_tau_squared
+                        s,
+                        t,
+                        self.dist_tau,
+                        self.dist_beta,
+                        self.dist_gamma,
+                        valid,
+                        self.dist_tau_squared,
+                        gather_distributed=gather,
                     )
                 terms[name] = value
                 total = total + self.weights[name] * value

@@ -267,3 +267,138 @@ def test_dist_inter_class_term_is_degenerate_for_two_classes():
     agree = (torch.sigmoid(s) - 0.5).sign() == (torch.sigmoid(t) - 0.5).sign()
     assert inter.item() == pytest.approx(1 - (2 * agree.float() - 1).mean().item(), abs=1e-5)
     assert grad_inter.abs().max() < 1e-4 < grad_intra.abs().max()
+
+
+# ---------------------------------------------------------------- binary CWD (issue 20, item 6)
+
+
+def _mmrazor_cwd(s, t, tau):
+    """mmrazor's ``ChannelWiseDivergence.forward`` (loss_weight 1), transcribed: a spatial softmax
+    per (image, channel) row, the KL summed, times τ², divided by C·N."""
+    n, c, h, w = s.shape
+    pt = F.softmax(t.reshape(-1, w * h) / tau, dim=1)
+    loss = torch.sum(
+        pt * F.log_softmax(t.reshape(-1, w * h) / tau, 1) - pt * F.log_softmax(s.reshape(-1, w * h) / tau, 1)
+    )
+    return loss * tau**2 / (c * n)
+
+
+@pytest.mark.parametrize("tau, expected", [(1, 0.785897), (4, 0.782922)])
+def test_binary_cwd_is_the_reference_formula_on_the_single_channel(tau, expected):
+    """A 1-logit model's CWD is the paper's formula with C = 1. Through the two-class view [0, z]
+    it was half of that (0.3915 for 0.7829 at τ = 4): the constant channel is uniform in both
+    spatial softmaxes, adds 0, and doubles C."""
+    s, t = _pair(2, 1, 8, 8)
+    s.requires_grad_(True)
+    loss = cwd_loss(s, t, tau)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    assert loss.item() == pytest.approx(_mmrazor_cwd(s.detach(), t, tau).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(_naive_cwd(s.detach().numpy(), t.numpy(), tau, None), rel=1e-5)
+    loss.backward()
+    assert s.grad.abs().sum() > 1e-3
+
+
+@pytest.mark.parametrize("temp", [0.5, 2.0])
+def test_binary_cwd_with_ignored_pixels_matches_the_naive_loop(temp):
+    torch.manual_seed(2)
+    s, t = torch.randn(3, 1, 5, 7, dtype=torch.float64), torch.randn(3, 1, 5, 7, dtype=torch.float64)
+    valid = torch.rand(3, 5, 7) > 0.4
+    got = cwd_loss(s, t, temp, valid).item()
+    assert got == pytest.approx(_naive_cwd(s.numpy(), t.numpy(), temp, valid.numpy()), rel=1e-6)
+
+
+# ---------------------------------------------------------------- feature maps of one position (item 10)
+
+
+def test_feature_channel_norm_on_a_1x1_map_is_an_error_not_a_silent_zero():
+    """A 32-px crop at a stride-32 stage gives 1x1 maps: standardising each channel over one position
+    gives 0 - 0, so the loss and its gradient would be exactly 0. It is an error that says what to
+    change; without the normalisation a 1x1 map still trains."""
+    torch.manual_seed(0)
+    student = [torch.randn(2, 8, 1, 1, requires_grad=True)]
+    teacher = [torch.randn(2, 16, 1, 1)]
+    fd = FeatureDistiller([8], [16], [(0, 0)], norm="channel")
+    with pytest.raises(ValueError, match=r"1x1 map.*feature_norm=none"):
+        fd.loss(fd.adapt(student), teacher)
+    plain = FeatureDistiller([8], [16], [(0, 0)], norm="none")
+    loss = plain.loss(plain.adapt(student), teacher)
+    loss.backward()
+    assert loss.item() > 0.1 and student[0].grad.abs().sum() > 0
+    # 2 positions are enough for the standardisation to carry a signal
+    wide = [torch.randn(2, 8, 1, 2, requires_grad=True)]
+    loss = fd.loss(fd.adapt(wide), [torch.randn(2, 16, 1, 2)])
+    loss.backward()
+    assert loss.item() > 0.1 and wide[0].grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- global normalisation (item 9)
+
+
+def _as_rank(monkeypatch, other_count):
+    """Make the losses see a 2-process group in which the other process holds ``other_count``
+    elements (a stand-in for the all-reduce, which sums the counts)."""
+    import distill.losses as losses
+
+    monkeypatch.setattr(losses, "_world_size", lambda: 2)
+    monkeypatch.setattr(losses.dist, "all_reduce", lambda x: x.add_(float(other_count)))
+
+
+def test_means_over_pixels_are_global_across_processes(monkeypatch):
+    """Two "processes" with 3 and 40 ignored pixels: the mean over processes of what each returns
+    equals the one-process value of the whole batch, for KD, CWD, DIST's inter-class term and the
+    feature term (it was not for KD: each process divided by its own pixel count)."""
+    torch.manual_seed(4)
+    s, t = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    valid = torch.ones(4, 8, 8, dtype=torch.bool)
+    valid[0, :1, :3] = False  # process 0: 3 ignored pixels
+    valid[2, :5] = False  # process 1: 40
+    halves = (slice(0, 2), slice(2, 4))
+    counts = [int(valid[h].sum()) for h in halves]
+
+    def split(fn, count_of):
+        values = []
+        for r, h in enumerate(halves):
+            with monkeypatch.context() as m:
+                _as_rank(m, count_of(1 - r))
+                values.append(fn(s[h], t[h], valid[h]))
+        return sum(values) / 2
+
+    whole = kd_loss(s, t, 2.0, valid)
+    assert split(lambda a, b, v: kd_loss(a, b, 2.0, v), lambda r: counts[r]).item() == pytest.approx(
+        whole.item(), rel=1e-6
+    )
+    per_rank = (
+        kd_loss(s[:2], t[:2], 2.0, valid[:2], False) + kd_loss(s[2:], t[2:], 2.0, valid[2:], False)
+    ) / 2
+    assert abs(per_rank.item() - whole.item()) > 1e-3  # what it was: the split mattered
+    whole = cwd_loss(s, t, 4.0, valid)
+    assert split(lambda a, b, v: cwd_loss(a, b, 4.0, v), lambda r: 2 * 3).item() == pytest.approx(
+        whole.item(), rel=1e-6
+    )
+    _, inter, _ = dist_loss(s, t, valid=valid, return_terms=True)
+    got = split(lambda a, b, v: dist_loss(a, b, valid=v, return_terms=True)[1], lambda r: counts[r])
+    assert got.item() == pytest.approx(inter.item(), rel=1e-6)
+    fd = FeatureDistiller([3], [3], [(0, 0)]).double()
+    adapted = fd.adapt([s])
+    whole = fd.loss(adapted, [t])
+    fd_split = []
+    for h in halves:
+        with monkeypatch.context() as m:
+            _as_rank(m, 2 * 3 * 8 * 8)
+            fd_split.append(fd.loss([adapted[0][h]], [t[h]]))
+    assert (sum(fd_split) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_dist_intra_class_term_is_a_per_process_statistic(monkeypatch):
+    """Documented, not synchronised: under 2 processes DIST's intra-class term is the mean of each
+    process's own term, which differs from the whole batch's."""
+    torch.manual_seed(5)
+    s, t = torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    own = []
+    for h in (slice(0, 2), slice(2, 4)):
+        with monkeypatch.context() as m:
+            _as_rank(m, 2 * 36)
+            own.append(dist_loss(s[h], t[h], return_terms=True)[2])
+        assert own[-1].item() == pytest.approx(dist_loss(s[h], t[h], return_terms=True)[2].item(), rel=1e-12)
+    whole = dist_loss(s, t, return_terms=True)[2]
+    assert abs((own[0] + own[1]).item() / 2 - whole.item()) > 1e-4
