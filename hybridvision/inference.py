@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -220,6 +220,16 @@ def predict_sliding_window(
     return _finish(scores[..., :h, :w], output)
 
 
+def fixed_input_size(model: Any) -> tuple[int, int] | None:
+    """The fixed (H, W) input of ``model``'s encoder (unwrapping DDP / EMA wrappers), or None."""
+    for candidate in (model, getattr(model, "module", None)):
+        encoder = getattr(candidate, "encoder", None)
+        size = getattr(encoder, "input_size", None)
+        if size is not None:
+            return tuple(int(v) for v in size)  # type: ignore[return-value]
+    return None
+
+
 class Predictor:
     """Inference with the mode chosen by arguments: ``"whole"`` image or ``"slide"`` (sliding window).
 
@@ -258,6 +268,11 @@ class Predictor:
         if output not in ("probs", "logits"):
             raise ValueError(f"output must be 'probs' or 'logits', got {output!r}")
         _check_flips(tta_flips)
+        fixed = fixed_input_size(model)
+        if fixed is not None and (mode == "whole" or tuple(window or ()) != tuple(fixed)):
+            # an encoder built at one input size sees only windows of that size (smaller images are
+            # padded to it by the encoder, larger ones are tiled)
+            mode, window = "slide", fixed
         self.model = model
         self.mode = mode
         self.num_classes = num_classes

@@ -18,7 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Encoder", "Segmenter", "pad_to_multiple", "mask_to", "apply_token_mask", "is_tracing"]
+__all__ = [
+    "Encoder",
+    "Segmenter",
+    "pad_to_multiple",
+    "pad_to_size",
+    "padded_size",
+    "mask_to",
+    "apply_token_mask",
+    "is_tracing",
+]
 
 
 def is_tracing() -> bool:
@@ -40,6 +49,29 @@ def pad_to_multiple(x: Tensor, multiple: int, value: float = 0.0) -> Tensor:
     if not is_tracing() and ph == 0 and pw == 0:
         return x
     return F.pad(x, (0, pw, 0, ph), value=value)
+
+
+def pad_to_size(x: Tensor, size: tuple[int, int], owner: str = "model") -> Tensor:
+    """Pad ``x`` (B, C, H, W) at the bottom/right to exactly ``size``; larger inputs are an error."""
+    h, w = x.shape[-2:]
+    if not is_tracing() and (h > size[0] or w > size[1]):
+        raise ValueError(
+            f"{owner} takes inputs of at most {size[0]}x{size[1]} (its input size is fixed at creation), got "
+            f"{h}x{w}: use a sliding window of that size (eval.mode=slide, eval.window={list(size)}) or "
+            "build it with a larger img_size"
+        )
+    if not is_tracing() and (h, w) == tuple(size):
+        return x
+    return F.pad(x, (0, size[1] - w, 0, size[0] - h))
+
+
+def padded_size(encoder: Encoder, h: Any, w: Any) -> tuple[Any, Any]:
+    """The size an encoder pads an (h, w) input to (ints, or traced tensors under export)."""
+    if encoder.input_size is not None:
+        return encoder.input_size
+    d = encoder.size_divisor
+    # integer ceil: under ONNX tracing h, w are traced tensors and stay so (no baked-in sizes)
+    return (h + d - 1) // d * d, (w + d - 1) // d * d
 
 
 def mask_to(mask: Tensor, size: tuple[int, int]) -> Tensor:
@@ -88,6 +120,9 @@ class Encoder(nn.Module):
     out_channels: tuple[int, ...]
     reductions: tuple[int, ...]
     size_divisor: int = 32
+    #: (H, W) for encoders built at a fixed input size (some timm models): smaller inputs are padded
+    #: up to it, larger ones are an error (predict them with a sliding window of this size)
+    input_size: tuple[int, int] | None = None
     mask_token_dim: int
     #: kwargs that rebuild this encoder with ``create_encoder(name, **build_kwargs)``
     build_kwargs: dict[str, Any]
@@ -108,7 +143,11 @@ class Encoder(nn.Module):
         """
         if x.ndim != 4:
             raise ValueError(f"{type(self).__name__} expects (B, C, H, W) input, got shape {tuple(x.shape)}")
-        x = pad_to_multiple(x, self.size_divisor)
+        x = (
+            pad_to_size(x, self.input_size, type(self).__name__)
+            if self.input_size
+            else pad_to_multiple(x, self.size_divisor)
+        )
         if mask is not None:
             h, w = mask.shape[-2:]
             if mask.ndim != 4 or x.shape[-2] % h or x.shape[-1] % w:
@@ -148,13 +187,13 @@ class Segmenter(nn.Module):
         """Args: x (B, in_chans, H, W). Returns logits (B, num_classes, H, W)."""
         h, w = x.shape[-2:]
         feats = self.encoder.forward_features(x)
+        hp, wp = padded_size(self.encoder, h, w)
         if getattr(self.decoder, "uses_image", False):  # decoders with image-level skips (U-Net)
-            logits = self.decoder(feats, pad_to_multiple(x, self.encoder.size_divisor))
+            pad = self.encoder.input_size
+            image = pad_to_size(x, pad) if pad else pad_to_multiple(x, self.encoder.size_divisor)
+            logits = self.decoder(feats, image)
         else:
             logits = self.decoder(feats)
-        d = self.encoder.size_divisor
-        # integer ceil: under ONNX tracing h, w are traced tensors and stay so (no baked-in sizes)
-        hp, wp = (h + d - 1) // d * d, (w + d - 1) // d * d
         if tuple(logits.shape[-2:]) != (hp, wp):
             logits = F.interpolate(logits, size=(hp, wp), mode="bilinear", align_corners=False)
         return logits[..., :h, :w]

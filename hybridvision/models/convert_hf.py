@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from .encoders.mit import MIT_PRESETS
 from .factory import create_encoder, create_segmenter
-from .hub import load_state_dict_file
 from .registry import list_segmenters, segmenter_spec
+from .weights import load_state_dict_file
 
 __all__ = ["load_transformers_segformer", "segformer_config_to_overrides", "convert_segformer_state_dict"]
 

@@ -13,13 +13,24 @@ from .registry import (
     UnknownModelError,
     decoder_entrypoint,
     encoder_entrypoint,
+    fixed_input_size,
+    is_encoder,
     list_decoders,
     list_encoders,
+    list_namespaces,
     list_segmenters,
     segmenter_spec,
 )
 
-__all__ = ["create_encoder", "create_decoder", "create_segmenter", "list_models", "DEFAULT_DECODER"]
+__all__ = [
+    "create_encoder",
+    "create_decoder",
+    "create_segmenter",
+    "list_models",
+    "encoder_name",
+    "with_input_size",
+    "DEFAULT_DECODER",
+]
 
 #: decoder used by ``create_segmenter(<encoder name>)`` when no preset names one
 DEFAULT_DECODER = "segformer_mlp"
@@ -48,10 +59,13 @@ def create_encoder(name: str, in_chans: int = 3, weights: str | None = None, **o
     """Build a registered encoder.
 
     Args:
-        name: registered encoder name (see ``list_models("encoder")``).
+        name: registered encoder name (see ``list_models("encoder")``), or ``timm/<architecture>``
+            / ``transformers/<model_type>`` for any timm model / transformers backbone.
         in_chans: input channels (1 for EM/CT, 3 for RGB, 4 for RGB+NIR, ...).
-        weights: optional path to a timm/torchvision checkpoint (``.safetensors``, ``.pth``, ``.bin``)
-            converted by the family's ``load_pretrained_weights`` (Swin, ResNet families).
+        weights: optional external weights converted by the family's ``load_pretrained_weights``:
+            a timm/torchvision checkpoint file (Swin, ResNet, timm families), a directory in timm's
+            or transformers' hub layout, or a hub id (timm and transformers families; read from
+            the local Hugging Face cache first).
         **overrides: preset fields to override (e.g. ``drop_path_rate=0.1``).
     """
     name = _check_name("name", name)
@@ -118,10 +132,13 @@ def create_segmenter(
         raise TypeError(f"decoder_kwargs must be a dict, got {type(decoder_kwargs).__name__}")
     if name in list_segmenters():
         spec = segmenter_spec(name)
-    elif name in list_encoders():
+    elif is_encoder(name):
         spec = SegmenterSpec(encoder=name, decoder=DEFAULT_DECODER)
     else:
-        raise UnknownModelError("segmenter or encoder", name, list_segmenters() + list_encoders())
+        namespaced = [f"{ns}/<architecture>" for ns in list_namespaces()]
+        raise UnknownModelError(
+            "segmenter or encoder", name, list_segmenters() + list_encoders() + namespaced
+        )
     enc_kwargs = {**spec.encoder_kwargs, **overrides}
     dec_kwargs = {**spec.decoder_kwargs, **(decoder_kwargs or {})}
     dec_name = decoder or spec.decoder
@@ -139,6 +156,26 @@ def create_segmenter(
         **overrides,
     }
     return model
+
+
+def encoder_name(name: str) -> str:
+    """The encoder a segmenter preset or encoder name builds (``segformer_b0`` -> ``mit_b0``)."""
+    return segmenter_spec(name).encoder if name in list_segmenters() else name
+
+
+def with_input_size(
+    name: str, image_size: tuple[int, int] | None, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """``overrides`` plus ``img_size=image_size`` when ``name``'s encoder is built at a fixed input size.
+
+    Stages call this with the data crop, so a fixed-size model (LeViT, MaxViT, ... from timm) is
+    built at the size it is trained at; an ``img_size`` the user set wins.
+    """
+    if image_size is None or "img_size" in overrides or not name:
+        return dict(overrides)
+    if fixed_input_size(encoder_name(name)) is None:
+        return dict(overrides)
+    return {**overrides, "img_size": [int(v) for v in image_size]}
 
 
 def list_models(kind: str = "all") -> list[str]:

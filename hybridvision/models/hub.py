@@ -17,17 +17,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..io import atomic_dir
 from .base import Encoder, Segmenter
+from .weights import load_safetensors, load_state_dict_file, resolve_model_dir
 
 __all__ = [
     "save_pretrained",
     "from_pretrained",
     "read_model_config",
+    "external_encoder_name",
     "load_state_dict_file",
     "WEIGHTS_NAME",
     "CONFIG_NAME",
@@ -66,59 +67,9 @@ def save_pretrained(
     return Path(directory)
 
 
-def _resolve(path_or_id: str | os.PathLike) -> Path:
-    """A local model directory, or a hub id ``owner/name`` downloaded (or taken from the cache).
-
-    A missing path that cannot be a hub id (starts with ``.``, ``/`` or ``~``, not exactly one
-    ``/``, or whose ``owner`` is a local folder) is a ``FileNotFoundError`` at once; a hub id while
-    offline is a one-line ``ValueError`` instead of the hub client's retries.
-    """
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"{path} is a file; from_pretrained expects a model directory or a hub id")
-    text = str(path_or_id)
-    owner = text.split("/")[0]
-    if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") != 1 or Path(owner).is_dir():
-        raise FileNotFoundError(
-            f"model directory {text!r} does not exist (and it is not a hub id 'owner/name')"
-        )
-    from huggingface_hub import snapshot_download
-
-    from ..data.hf import hub_offline_reason
-
-    offline = hub_offline_reason()
-    try:
-        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as err:  # huggingface_hub raises several types (HTTP, offline, not found)
-        if offline:
-            raise ValueError(
-                f"{text!r} is not a local model directory, and as a hub id it is not in the local cache "
-                f"and cannot be downloaded ({offline}); check the path"
-            ) from err
-        raise ValueError(
-            f"{text!r} is not a local model directory and the hub download failed: {err}"
-        ) from err
-
-
-def _load_safetensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """``safetensors.torch.load_file`` with a one-line error naming a truncated or corrupt file."""
-    from safetensors import SafetensorError
-
-    try:
-        return load_file(str(path), device=device)
-    except (SafetensorError, OSError) as err:
-        size = path.stat().st_size if path.exists() else 0
-        raise ValueError(
-            f"{path} ({size} bytes) is not a readable safetensors file ({err}): it is truncated or "
-            "corrupt, e.g. an interrupted copy, download or save; copy it again or re-export the model"
-        ) from err
-
-
 def read_model_config(path_or_id: str | os.PathLike) -> dict[str, Any]:
     """Return the parsed ``config.json`` of a model directory (or hub id)."""
-    directory = _resolve(path_or_id)
+    directory = resolve_model_dir(path_or_id)
     cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
         inner = [d for d in ("model", "encoder", "export") if (directory / d / CONFIG_NAME).is_file()]
@@ -130,8 +81,31 @@ def read_model_config(path_or_id: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
 
 
+def external_encoder_name(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(encoder name, build overrides) of a released timm / transformers backbone's ``config.json``.
+
+    timm's hub layout names the ``architecture`` (``timm/<architecture>``, its ``model_args`` as
+    overrides); a transformers config names its ``model_type`` (``transformers/<model_type>``, the
+    config's architecture fields as ``config``). None for our own format and SegFormer.
+    """
+    if FORMAT_KEY in config:
+        return None
+    if isinstance(config.get("architecture"), str):
+        args = {
+            k: v for k, v in (config.get("model_args") or {}).items() if k not in ("in_chans", "num_classes")
+        }
+        return f"timm/{config['architecture']}", args
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type != "segformer":
+        from .encoders.hf_backbone import clean_hf_config
+
+        return f"transformers/{model_type}", {"config": clean_hf_config(config)}
+    return None
+
+
 def from_pretrained(path_or_id: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
-    """Rebuild a model from a directory written by :func:`save_pretrained` (or transformers SegFormer).
+    """Rebuild a model from a directory written by :func:`save_pretrained`, a transformers SegFormer,
+    or a released timm / transformers backbone (returned as an encoder).
 
     Args:
         path_or_id: local directory or Hugging Face hub id.
@@ -139,8 +113,12 @@ def from_pretrained(path_or_id: str | os.PathLike, map_location: str = "cpu") ->
     """
     from .factory import create_encoder, create_segmenter
 
-    directory = _resolve(path_or_id)
+    directory = resolve_model_dir(path_or_id)
     config = read_model_config(directory)
+    external = external_encoder_name(config)
+    if external is not None:  # a released timm / transformers backbone: its encoder, weights loaded
+        name, build = external
+        return create_encoder(name, weights=str(directory), **build)
     if FORMAT_KEY not in config:
         if config.get("model_type") == "segformer":
             from .convert_hf import load_transformers_segformer
@@ -167,7 +145,7 @@ def from_pretrained(path_or_id: str | os.PathLike, map_location: str = "cpu") ->
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found")
-    state = _load_safetensors(weights, device=map_location)
+    state = load_safetensors(weights, device=map_location)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -175,42 +153,3 @@ def from_pretrained(path_or_id: str | os.PathLike, map_location: str = "cpu") ->
         )
     model.pretrained_config = config
     return model
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state dict from ``.safetensors`` or a torch file, without unpickling objects.
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist.
-        ValueError: One line naming the file: truncated/corrupt, or a pickle holding Python objects
-            (never loaded; the message says how to convert a trusted one to safetensors).
-    """
-    import pickle
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} not found")
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        out = path.with_suffix(".safetensors")
-        raise ValueError(
-            f"{path} is a pickle holding Python objects, not only tensors; hybridvision does not unpickle "
-            'files (that can run arbitrary code). If you trust it, convert it once: python -c "import '
-            "torch; from safetensors.torch import save_file; s = torch.load('"
-            f"{path}', weights_only=False); s = s.get('state_dict', s) if isinstance(s, dict) else "
-            f"s.state_dict(); save_file({{k: v.contiguous() for k, v in s.items()}}, '{out}')\" and use {out}"
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(
-            f"{path} ({path.stat().st_size} bytes) cannot be read as a torch weights file ({err}); "
-            "it is truncated or corrupt: copy it again"
-        ) from err
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict (name -> tensor)")
-    return state

@@ -21,6 +21,8 @@ __all__ = [
     "register_decoder",
     "register_segmenter",
     "register_presets",
+    "register_namespace",
+    "list_namespaces",
     "replace_preset",
     "encoder_entrypoint",
     "decoder_entrypoint",
@@ -64,6 +66,9 @@ class SegmenterSpec:
 _ENCODERS: dict[str, Callable[..., Any]] = {}
 _DECODERS: dict[str, Callable[..., Any]] = {}
 _SEGMENTERS: dict[str, SegmenterSpec] = {}
+#: ``<namespace>/<architecture>`` names built by a family that takes the architecture as its first
+#: argument (``timm/fastvit_t8``, ``transformers/dinov2``); the slash keeps them apart from zoo names
+_NAMESPACES: dict[str, tuple[Callable[..., Any], str, Callable[[str], Any] | None]] = {}
 
 
 def _register(table: dict, kind: str, name: str, value: Any) -> None:
@@ -97,10 +102,68 @@ def register_segmenter(name: str, spec: SegmenterSpec) -> None:
     _register(_SEGMENTERS, "segmenter", name, spec)
 
 
+def register_namespace(
+    namespace: str,
+    factory: Callable[..., Any],
+    description: str,
+    fixed_input_size: Callable[[str], Any] | None = None,
+) -> None:
+    """Register ``factory(architecture, in_chans=3, **overrides)`` for names ``<namespace>/<architecture>``.
+
+    Args:
+        namespace: the part before the slash (``timm``).
+        factory: builds the encoder of one architecture.
+        description: one line for error messages and listings.
+        fixed_input_size: ``fn(architecture) -> (H, W) | None``: the input size an architecture is
+            fixed to at creation (it then takes ``img_size``), None for any size.
+    """
+    if "/" in namespace or not namespace:
+        raise ValueError(f"namespace must be a non-empty name without '/', got {namespace!r}")
+    _register(_NAMESPACES, "namespace", namespace, (factory, description, fixed_input_size))
+
+
+def fixed_input_size(name: str) -> Any:
+    """The default fixed input size of encoder ``name`` (None: any size; zoo encoders take any)."""
+    split = split_namespace(name) if isinstance(name, str) else None
+    if split is None or _NAMESPACES[split[0]][2] is None:
+        return None
+    return _NAMESPACES[split[0]][2](split[1])
+
+
+def list_namespaces() -> dict[str, str]:
+    """Registered namespaces and what they build (``{"timm": "any timm architecture, ..."}``)."""
+    return {k: v[1] for k, v in sorted(_NAMESPACES.items())}
+
+
+def split_namespace(name: str) -> tuple[str, str] | None:
+    """``("timm", "fastvit_t8")`` for a namespaced name, None for a zoo name."""
+    namespace, sep, architecture = name.partition("/")
+    if not sep or namespace not in _NAMESPACES:
+        return None
+    if not architecture:
+        raise ValueError(f"{name!r} names no architecture after '{namespace}/' (e.g. {namespace}/<name>)")
+    return namespace, architecture
+
+
 def encoder_entrypoint(name: str) -> Callable[..., Any]:
+    """The factory of ``name``: ``fn(in_chans=3, **overrides) -> encoder``."""
+    split = split_namespace(name) if isinstance(name, str) else None
+    if split is not None:
+        factory = _NAMESPACES[split[0]][0]
+
+        def build(in_chans: int = 3, **overrides: Any) -> Any:
+            return factory(split[1], in_chans=in_chans, **overrides)
+
+        return build
     if name not in _ENCODERS:
-        raise UnknownModelError("encoder", name, list(_ENCODERS))
+        valid = list(_ENCODERS) + [f"{ns}/<architecture>" for ns in _NAMESPACES]
+        raise UnknownModelError("encoder", name, valid)
     return _ENCODERS[name]
+
+
+def is_encoder(name: str) -> bool:
+    """True for a registered encoder or a name in a registered namespace."""
+    return name in _ENCODERS or split_namespace(name) is not None
 
 
 def decoder_entrypoint(name: str) -> Callable[..., Any]:

@@ -10,6 +10,10 @@ Sources:
 * a Hugging Face hub id of either;
 * a timm / torchvision weights file (``.safetensors``, ``.pth``, ``.bin``) for encoders that can
   convert one (``load_pretrained_weights``);
+* a released timm or transformers backbone: a directory in their hub layout (``config.json`` with
+  ``architecture`` for timm, ``model_type`` for transformers, + weights) or its hub id
+  (``timm/fastvit_t8.apple_in1k``, ``facebook/dinov2-small``; the local cache is used first), which
+  builds ``timm/<architecture>`` / ``transformers/<model_type>`` and loads the encoder;
 * nothing (scratch).
 
 The result reports loaded / missing / unexpected / skipped keys. A tensor whose shape differs is
@@ -18,6 +22,7 @@ an error naming it and both shapes, unless ``strict=False`` (then it is skipped 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +30,8 @@ from typing import Any
 from torch import nn
 
 from .base import Encoder, Segmenter
-from .factory import create_segmenter, list_models
-from .hub import from_pretrained, read_model_config
+from .factory import create_segmenter, encoder_name, with_input_size
+from .hub import external_encoder_name, from_pretrained, read_model_config
 
 __all__ = ["InitReport", "build_segmenter", "load_matching"]
 
@@ -101,6 +106,7 @@ def build_segmenter(
     decoder: str | None = None,
     decoder_kwargs: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
+    input_size: tuple[int, int] | None = None,
 ) -> tuple[Segmenter, InitReport]:
     """Build a segmenter named ``name`` (or the one ``init`` implies) and initialise it from ``init``.
 
@@ -111,6 +117,8 @@ def build_segmenter(
         init: source of weights (see module docstring); ``""`` for scratch.
         strict: shape mismatches are errors (True) or skipped and listed (False).
         decoder / decoder_kwargs / overrides: passed to :func:`create_segmenter`.
+        input_size: the training crop (H, W): encoders built at a fixed input size get it as
+            ``img_size`` unless ``overrides`` set one.
     """
     overrides = dict(overrides or {})
     report = InitReport()
@@ -119,6 +127,7 @@ def build_segmenter(
             raise ValueError(
                 "model.name is empty and model.init is not set: nothing says which model to build"
             )
+        overrides = with_input_size(name, input_size, overrides)
         return create_segmenter(name, num_classes, in_chans, decoder, decoder_kwargs, **overrides), report
 
     path = Path(init)
@@ -127,6 +136,7 @@ def build_segmenter(
             raise ValueError(
                 f"model.init={init} is a weights file: set model.name to the encoder it belongs to"
             )
+        overrides = with_input_size(name, input_size, overrides)
         model = create_segmenter(name, num_classes, in_chans, decoder, decoder_kwargs, **overrides)
         loader = getattr(model.encoder, "load_pretrained_weights", None)
         if loader is None:
@@ -135,12 +145,31 @@ def build_segmenter(
                 "weight files (only the timm/torchvision families can); for hybridvision models set "
                 "model.init to a directory written by save_pretrained (model.safetensors + config.json)"
             )
-        loader(str(path))
-        report.source = f"{init} (external weights converted into the encoder)"
-        report.loaded = [f"encoder.{n}" for n in model.encoder.state_dict()]
+        result = _load_external(model.encoder, str(path), strict)
+        if result is None:
+            report.source = f"{init} (external weights converted into the encoder)"
+            report.loaded = [f"encoder.{n}" for n in model.encoder.state_dict()]
+        else:
+            _fill_report(report, result, f"{init} (external weights converted into the encoder)")
         return model, report
 
     config = read_model_config(init)
+    external = external_encoder_name(config)
+    if external is not None:  # a released timm / transformers backbone (directory or hub id)
+        src_encoder, build = external
+        if name and encoder_name(name) != src_encoder:
+            raise ValueError(
+                f"model.name={name!r} (encoder {encoder_name(name)!r}) conflicts with model.init={init}, "
+                f"which holds {src_encoder!r}; drop model.name or make them agree"
+            )
+        overrides = with_input_size(name or src_encoder, input_size, {**build, **overrides})
+        model = create_segmenter(
+            name or src_encoder, num_classes, in_chans, decoder, decoder_kwargs, **overrides
+        )
+        result = model.encoder.load_pretrained_weights(init, strict=strict)
+        _fill_report(report, result, f"{init} ({src_encoder} weights)")
+        report.missing.extend(f"decoder.{n}" for n in model.decoder.state_dict())
+        return model, report
     src_encoder = _encoder_name_of(config)
     if src_encoder is not None:
         # an encoder directory: it carries the architecture
@@ -205,10 +234,21 @@ def build_segmenter(
 
 
 def _preset_encoder(name: str) -> str:
-    from .registry import list_segmenters, segmenter_spec
+    return encoder_name(name)
 
-    if name in list_segmenters():
-        return segmenter_spec(name).encoder
-    if name in list_models("encoder"):
-        return name
-    return name
+
+def _load_external(encoder: nn.Module, path: str, strict: bool) -> Any:
+    """Call the encoder's ``load_pretrained_weights``; its result (a ``LoadResult``) or None."""
+    loader = encoder.load_pretrained_weights
+    if "strict" in inspect.signature(loader).parameters:
+        return loader(path, strict=strict)
+    loader(path)  # zoo families convert one checkpoint layout, always strictly
+    return None
+
+
+def _fill_report(report: InitReport, result: Any, source: str) -> None:
+    report.source = source
+    report.loaded = [f"encoder.{n}" for n in result.loaded]
+    report.missing = [f"encoder.{n}" for n in result.missing]
+    report.unexpected = list(result.unexpected)
+    report.skipped = list(result.skipped)

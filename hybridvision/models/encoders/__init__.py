@@ -1,3 +1,3 @@
 """Encoder families. Importing a family module registers its presets."""
 
-from . import hybrid, mit, parallel, resnet, sequential, swin, transunet  # noqa: F401
+from . import hf_backbone, hybrid, mit, parallel, resnet, sequential, swin, timm_backbone, transunet  # noqa: F401

@@ -27,10 +27,10 @@ from functools import partial
 from torch import Tensor, nn
 
 from ..base import Encoder, apply_token_mask
-from ..hub import load_state_dict_file
 from ..layers.common import DropPath
 from ..layers.sr_attention import SpatialReductionAttention
 from ..registry import register_presets
+from ..weights import load_state_dict_file
 
 __all__ = ["MixTransformerConfig", "MixTransformer", "MIT_PRESETS", "MixFFN", "MiTBlock", "OverlapPatchEmbed"]
 

@@ -165,7 +165,7 @@ class ResNetEncoder(Encoder):
         Raises:
             ValueError: naming the missing and unexpected keys if the checkpoint does not match.
         """
-        from ..hub import load_state_dict_file
+        from ..weights import load_state_dict_file
 
         state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith("fc.")}
         if "conv1.weight" in state:

@@ -234,7 +234,7 @@ class SwinTransformer(Encoder):
         Raises:
             ValueError: naming every missing, unexpected or wrongly shaped key.
         """
-        from ..hub import load_state_dict_file
+        from ..weights import load_state_dict_file
         from .resnet import adapt_input_conv
 
         state = convert_swin_checkpoint(load_state_dict_file(path))
