@@ -482,50 +482,21 @@ def test_per_sample_seeding_ignores_draw_order_and_keeps_the_caller_rng():
     assert not torch.equal(other_rank[0], full[0])
 
 
-def test_auto_mixed_precision_picks_the_fast_mode_per_device(monkeypatch: pytest.MonkeyPatch):
+def test_engine_resolves_auto_precision_and_records_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
     from hybridvision import engine
-
-    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(engine, "cpu_has_amx", lambda: False)
-    assert engine.resolve_mixed_precision()[0] == "no"  # AVX512-BF16 alone: bf16 is slower here
-    monkeypatch.setattr(engine, "cpu_has_amx", lambda: True)
-    assert engine.resolve_mixed_precision()[0] == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert engine.resolve_mixed_precision()[0] == "fp16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert engine.resolve_mixed_precision()[0] == "bf16"
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # a GPU machine told to run on CPU
-    monkeypatch.setattr(engine, "cpu_has_amx", lambda: False)
-    assert engine.resolve_mixed_precision()[0] == "no"
-
-
-def test_cpu_has_amx_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    import builtins
-
-    from hybridvision import engine
-
-    real_open = builtins.open
-
-    def fake(flags: str):
-        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: fpu {flags} sse\n")
-        return lambda path, *a, **k: real_open(
-            tmp_path / "cpuinfo" if path == "/proc/cpuinfo" else path, *a, **k
-        )
-
-    monkeypatch.setattr(builtins, "open", fake("avx512_bf16 amx_bf16 amx_tile"))
-    assert engine.cpu_has_amx()
-    monkeypatch.setattr(builtins, "open", fake("avx512_bf16 avx512_vnni"))
-    assert not engine.cpu_has_amx()
-
-
-def test_engine_resolves_auto_precision_and_records_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     from hybridvision.engine import resolve_mixed_precision
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(engine, "measure_cpu_bf16_speedup", lambda: 0.5)  # read on CPUs only
     eng = _engine(tmp_path, mixed_precision="auto")
     expected = resolve_mixed_precision()[0]
+    assert expected == ("bf16" if torch.cuda.is_available() else "no")
     assert eng.cfg.mixed_precision == expected  # the saved run config shows the mode used
     assert eng.accelerator.mixed_precision == expected
-    assert f"train.mixed_precision=auto -> {expected}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"train.mixed_precision=auto -> {expected}" in out
+    if not torch.cuda.is_available():  # one line saying what was measured and where it is kept
+        assert "0.50x the fp32 speed" in out and str(tmp_path / "cache") in out
     eng.close()
