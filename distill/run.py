@@ -68,7 +68,7 @@ def main(cfg: DistillConfig) -> dict:
     from distill.losses import DistillCriterion, FeatureDistiller, match_stages
     from distill.models import DistillStudent, count_gmacs, count_params, load_teacher, resolve_data
     from finetune.evaluate import evaluate_segmenter
-    from finetune.run import build_data
+    from finetune.run import build_data, model_summary
     from hybridvision.data.loader import collate_mixed_sizes
     from hybridvision.engine import Engine, StepOutput
     from hybridvision.io import write_json_atomic
@@ -82,6 +82,7 @@ def main(cfg: DistillConfig) -> dict:
     acc = engine.accelerator
     teacher.to(acc.device)
     student = build_student(cfg, engine)
+    engine.print(f"student {model_summary(student)}")
     terms = kd.active()
     if "dist" in terms and teacher.num_classes <= 2 and kd.dist_beta > 0:
         engine.print(

@@ -20,8 +20,11 @@ line naming the file or value; ``HYBRIDVISION_DEBUG=1`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -168,20 +171,37 @@ def run(args: argparse.Namespace) -> int:
         )
         result = predictor.predict_files(files, root, out)
     else:
+        read, predict, num_classes, ignore = _torch_predictor(args)
+        result = run_over_files(files, root, out, read, predict, num_classes, ignore, progress=progress)
+    return report_result(result, out)
+
+
+def progress(files: Sequence[Path]) -> Iterator[Path]:
+    """``files``, with a tqdm bar on stderr where it is a terminal; elsewhere (a log file, CI, a
+    scheduler) a plain line every ~10 % of the images instead of the bar's carriage-return frames."""
+    if _stderr_is_terminal():
         from tqdm.auto import tqdm
 
-        read, predict, num_classes, ignore = _torch_predictor(args)
-        result = run_over_files(
-            files,
-            root,
-            out,
-            read,
-            predict,
-            num_classes,
-            ignore,
-            progress=lambda it: tqdm(it, desc="predict", dynamic_ncols=True),
-        )
-    return report_result(result, out)
+        yield from tqdm(files, desc="predict", dynamic_ncols=True)
+        return
+    total = len(files)
+    every = max(1, math.ceil(total / 10))
+    start = time.perf_counter()
+    for done, path in enumerate(files, start=1):
+        yield path  # resumed once the caller has written this image
+        if done % every == 0 or done == total:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            sys.stderr.write(
+                f"predict {done}/{total} images, {rate:.2f} img/s, ETA {(total - done) / rate:.0f} s\n"
+            )
+            sys.stderr.flush()
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,22 @@ def default_model_name(init: str) -> str:
     return FALLBACK_MODEL if encoder == segmenter_spec(FALLBACK_MODEL).encoder else ""
 
 
+def model_summary(model: nn.Module) -> str:
+    """One log line: the model's registered name, its encoder and decoder, and its parameter count."""
+    from hybridvision.models import list_models
+    from hybridvision.models.factory import DEFAULT_DECODER
+    from hybridvision.models.registry import segmenter_spec
+
+    params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters"
+    build = getattr(model, "build_kwargs", None) or {}
+    if "name" not in build:  # a module built elsewhere (benchmarks/peers_seg.py)
+        return f"model {type(model).__name__}: {params}"
+    name = build["name"]
+    preset_decoder = segmenter_spec(name).decoder if name in list_models("segmenter") else DEFAULT_DECODER
+    encoder = model.encoder.build_kwargs["name"]
+    return f"model {name} (encoder {encoder}, decoder {build.get('decoder') or preset_decoder}): {params}"
+
+
 def scheduled_size(cfg: FinetuneConfig, step: int) -> int | None:
     """Side length of the progressive-resizing schedule at ``step`` (None: no schedule)."""
     side = None
@@ -139,6 +155,7 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
         )
         if engine.resume_checkpoint is None:  # else the weights come from the checkpoint
             engine.print(report.summary())
+    engine.print(model_summary(model))
 
     from hybridvision.data.from_config import resolve_resize
 
