@@ -227,12 +227,15 @@ def _evenly(items: list[Any], limit: int) -> list[Any]:
 
 
 def _header_size(path: Path) -> tuple[int, int] | None:
-    """(H, W) of an image file from its header (no decoding); None if unreadable."""
+    """(H, W) of an image file as displayed (EXIF orientation applied, as the reader does), from
+    its header where the format allows (PNG's EXIF may follow the pixels); None if unreadable."""
     from PIL import Image
+
+    from ..deploy.runtime import displayed_size
 
     try:
         with Image.open(path) as img:
-            return img.height, img.width
+            return displayed_size(img)
     except Exception:  # noqa: BLE001 - e.g. multi-band TIFFs PIL cannot open: decode them
         from .io import READ_ERRORS, read_image
 

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from hybridvision.data.io import (
     image_to_tensor,
     mask_to_tensor,
     read_image,
+    read_mask,
     remap_mask,
 )
 
@@ -206,6 +206,7 @@ def load_hf_dataset(
     """
     dataset = _load(source, split, streaming, num_shards, cache_dir)
     columns = dataset.column_names
+    dataset = _undecoded(dataset, [image_column, mask_column])
     if id_column is None and columns is not None and "id" in columns:
         id_column = "id"
     converter = _RowConverter(
@@ -307,15 +308,41 @@ def _with_split_error(load: Callable[[], Any], split: str, source: str) -> Any:
         raise
 
 
+def _undecoded(dataset: Any, columns: list[str | None]) -> Any:
+    """``dataset`` with its ``datasets.Image`` columns among ``columns`` left undecoded, so their
+    files go through the project's reader (:func:`~hybridvision.data.io.read_image`: 16-bit
+    PNGs at full depth, EXIF orientation as everywhere else) rather than ``datasets``' 8-bit PIL
+    decoding."""
+    import datasets
+
+    features = dataset.features or {}
+    for column in columns:
+        feature = features.get(column) if column is not None else None
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(column, datasets.Image(mode=feature.mode, decode=False))
+    return dataset
+
+
+def _remote(value: dict) -> bool:
+    """An undecoded cell whose file is neither inline nor local (a streamed hub file)."""
+    return value.get("bytes") is None and not Path(str(value.get("path"))).is_file()
+
+
+def _decode_remote(value: dict) -> Image.Image:
+    import datasets
+
+    return datasets.Image().decode_example(value)  # opens hub URLs; applies EXIF orientation
+
+
 def _to_image(value: Any, in_chans: int, name: str) -> torch.Tensor:
     """Decode an HF image cell: PIL image, undecoded ``{"bytes", "path"}`` dict, path or array."""
     if isinstance(value, Image.Image):
         return image_to_tensor(value, in_chans, name)
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         if value.get("bytes") is not None:
-            with Image.open(io.BytesIO(value["bytes"])) as img:
-                img.load()
-                return image_to_tensor(img, in_chans, name)
+            return read_image(value["bytes"], in_chans, name=name)
+        if _remote(value):
+            return image_to_tensor(_decode_remote(value), in_chans, name)
         return read_image(value["path"], in_chans)
     if isinstance(value, str | os.PathLike):
         return read_image(value, in_chans)
@@ -327,14 +354,13 @@ def _to_image(value: Any, in_chans: int, name: str) -> torch.Tensor:
 def _to_mask(value: Any, name: str) -> torch.Tensor:
     """Decode an HF mask cell: PIL image, undecoded dict, path or integer array (H, W)."""
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-        with Image.open(source) as img:
-            img.load()
-            return mask_to_tensor(img, name)
+        if value.get("bytes") is not None:
+            return read_mask(value["bytes"], name=name)
+        if _remote(value):
+            return mask_to_tensor(_decode_remote(value), name)
+        return read_mask(value["path"], name=name)
     if isinstance(value, str | os.PathLike):
-        with Image.open(value) as img:
-            img.load()
-            return mask_to_tensor(img, name)
+        return read_mask(value, name=name)
     if isinstance(value, Image.Image | np.ndarray | list | torch.Tensor):
         return mask_to_tensor(value if isinstance(value, Image.Image) else np.asarray(value), name)
     raise ValueError(

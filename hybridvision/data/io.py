@@ -8,9 +8,6 @@ transform every tensor is a plain ``torch.Tensor`` again so ``default_collate`` 
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,9 @@ import torch
 from PIL import Image
 from torch.utils._pytree import tree_map
 from torchvision import tv_tensors
+
+from ..deploy import runtime
+from ..deploy.runtime import IMAGE_EXTENSIONS, ImageSource
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -36,84 +36,71 @@ __all__ = [
 
 Sample = dict[str, Any]
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-"""File suffixes (lower case) that :func:`read_image` understands."""
-
 #: Exceptions that mean "this file cannot be decoded" (corrupt, truncated, 0-byte, unreadable,
 #: absurdly large). ``PIL.UnidentifiedImageError`` is an ``OSError``; some plugins raise SyntaxError.
 READ_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, Image.DecompressionBombError)
 
-_TIFF_SUFFIXES = (".tif", ".tiff")
-# ITU-R 601-2 luma, the weights PIL uses for RGB -> L.
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
+def read_image(path: ImageSource, in_chans: int = 3, name: str | None = None) -> torch.Tensor:
+    """Read an image file into a float tensor with ``in_chans`` channels, upright as displayed.
 
-@functools.cache
-def _has_tifffile() -> bool:
-    return importlib.util.find_spec("tifffile") is not None
+    The project has one image reader, :func:`hybridvision.deploy.runtime.read_image` (no torch, so
+    the ONNX predictor uses it too); this wraps its array in a tensor. Its rules:
 
-
-def read_image(path: str | os.PathLike, in_chans: int = 3) -> torch.Tensor:
-    """Read an image file into a float tensor with ``in_chans`` channels.
-
-    Unsigned integer data are scaled to [0, 1] by their type's range (8-bit / 255, 16-bit
-    ``I;16`` / 65535). Signed-integer and floating-point data (float TIFF, 32-bit ``I`` TIFF,
-    e.g. CT slices in Hounsfield units) are returned as stored, in float32: map them to [0, 1]
-    with the ``window`` option of :func:`~hybridvision.data.transforms.build_seg_transforms`.
-
-    Channel conversion to ``in_chans``: equal counts are kept; an alpha channel is dropped when
-    that makes the counts match (RGBA -> 3, gray+alpha -> 1); gray is repeated to 3 channels;
-    RGB becomes 1 channel by ITU-R 601-2 luminance. Any other mismatch is a ``ValueError``.
+    * the EXIF (or TIFF) orientation tag is applied: a phone photo stored sideways is read upright,
+      and :func:`read_mask` turns masks the same way;
+    * unsigned integer data are scaled to [0, 1] by their type's range (8-bit / 255, 16-bit
+      ``I;16`` and 16-bit-per-channel RGB(A) PNGs / 65535); signed-integer and floating-point data
+      (float TIFF, 32-bit ``I`` TIFF, e.g. CT slices in Hounsfield units) are returned as stored,
+      in float32: map them to [0, 1] with the ``window`` option of
+      :func:`~hybridvision.data.transforms.build_seg_transforms`;
+    * channel conversion to ``in_chans``: equal counts are kept; an alpha channel is dropped when
+      that makes the counts match (RGBA -> 3, gray+alpha -> 1); gray is repeated to 3 channels;
+      RGB becomes 1 channel by ITU-R 601-2 luminance. Any other mismatch is a ``ValueError``.
 
     TIFF files are read with ``tifffile`` when it is installed (any number of bands, e.g.
     RGB + NIR), otherwise with PIL.
 
     Args:
-        path: Image file (png, jpg, jpeg, tif, tiff, bmp, webp).
+        path: Image file (png, jpg, jpeg, tif, tiff, bmp, webp), or the bytes of one.
         in_chans: Number of channels wanted.
+        name: What to call the image in error messages (default: the path).
 
     Returns:
-        Image of shape (C, H, W), float32, C = ``in_chans``.
+        Image of shape (C, H, W), float32, C = ``in_chans``, H and W as displayed.
 
     Raises:
         ValueError: If the channel count cannot be converted to ``in_chans``.
         OSError: If the file is missing, corrupt or truncated (``PIL.UnidentifiedImageError``
             is an ``OSError``).
     """
-    path = Path(path)
-    if path.suffix.lower() in _TIFF_SUFFIXES and _has_tifffile():
-        array, has_alpha = _read_tiff_bands(path)
-    else:
-        with Image.open(path) as img:
-            img.load()  # decode now, so truncated files raise here
-            array, has_alpha = _pil_to_array(img)
-    return _convert_channels(array, has_alpha, in_chans, str(path))
+    return torch.from_numpy(runtime.read_image(path, in_chans, name))
 
 
 def image_to_tensor(image: Image.Image | np.ndarray, in_chans: int, name: str) -> torch.Tensor:
     """Convert a decoded PIL image or array (H, W) / (H, W, C) with the rules of :func:`read_image`.
 
     Args:
-        image: PIL image, or a numpy array (H, W) or (H, W, C) (uint8/uint16 are scaled to [0, 1]).
+        image: PIL image (its EXIF orientation is applied), or a numpy array (H, W) or (H, W, C)
+            taken as displayed (uint8/uint16 are scaled to [0, 1]).
         in_chans: Number of channels wanted.
         name: What to call the image in error messages (file name, dataset row).
 
     Returns:
         Image of shape (C, H, W), float32.
     """
-    if isinstance(image, Image.Image):
-        array, has_alpha = _pil_to_array(image)
-    else:
-        array, has_alpha = _scale_array(np.asarray(image)), False
-    return _convert_channels(array, has_alpha, in_chans, name)
+    return torch.from_numpy(runtime.image_array(image, in_chans, name))
 
 
-def read_mask(path: str | os.PathLike) -> torch.Tensor:
-    """Read a class-index mask (one channel, value = class id).
+def read_mask(path: ImageSource, name: str | None = None) -> torch.Tensor:
+    """Read a class-index mask (one channel, value = class id), upright as displayed.
+
+    The EXIF / TIFF orientation tag is applied, as :func:`read_image` does for images.
 
     Args:
-        path: Mask file; PIL modes ``1``, ``L``, ``P`` (palette indices are the class ids),
-            ``I``, ``I;16``.
+        path: Mask file, or its bytes; PIL modes ``1``, ``L``, ``P`` (palette indices are the class
+            ids), ``I``, ``I;16``.
+        name: What to call the mask in error messages (default: the path).
 
     Returns:
         Mask of shape (H, W), int64.
@@ -121,39 +108,21 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
     Raises:
         ValueError: For multi-channel (e.g. colour-coded RGB) masks, naming the file.
     """
-    with Image.open(path) as img:
-        img.load()
-        return mask_to_tensor(img, str(path))
+    return torch.from_numpy(runtime.read_mask(path, name))
 
 
 def mask_to_tensor(mask: Image.Image | np.ndarray, name: str) -> torch.Tensor:
     """Convert a decoded mask (PIL image or (H, W) array) to an int64 tensor (H, W).
 
     Args:
-        mask: PIL image in mode ``1``/``L``/``P``/``I``/``I;16``, or an integer array (H, W).
+        mask: PIL image in mode ``1``/``L``/``P``/``I``/``I;16`` (its EXIF orientation is
+            applied), or an integer array (H, W).
         name: What to call the mask in error messages.
 
     Returns:
         Mask of shape (H, W), int64.
     """
-    if isinstance(mask, Image.Image):
-        if mask.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
-            raise ValueError(
-                f"mask {name} has mode {mask.mode!r} ({len(mask.getbands())} channels); "
-                "expected a single-channel class-index mask (mode L, P or I) where each pixel "
-                "value is a class id. Convert colour-coded masks to class indices first."
-            )
-        array = np.asarray(mask)
-    else:
-        array = np.asarray(mask)
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        if array.ndim != 2 or not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
-            raise ValueError(
-                f"mask {name} has shape {array.shape} and dtype {array.dtype}; "
-                "expected a single-channel integer class-index mask (H, W)"
-            )
-    return torch.from_numpy(array.astype(np.int64))
+    return torch.from_numpy(runtime.mask_array(mask, name))
 
 
 def check_mask_values(
@@ -258,81 +227,3 @@ def list_files(root: Path, extensions: Iterable[str], recursive: bool = True) ->
     extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     pattern = root.rglob("*") if recursive else root.glob("*")
     return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in extensions)
-
-
-# --------------------------------------------------------------------------- internals
-
-
-def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, bool]:
-    """Decode a PIL image to (H, W, C) float32 and whether its last channel is alpha."""
-    mode = img.mode
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif mode == "PA":
-        img = img.convert("RGBA")
-    elif mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
-        img = img.convert("L" if mode == "1" else "RGB")
-    mode = img.mode
-    array = np.asarray(img)
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        array = array.astype(np.float32) / 65535.0
-    elif mode == "I" and img.format == "PNG":  # 16-bit PNG decoded as 32-bit by older Pillow
-        array = array.astype(np.float32) / 65535.0
-    else:
-        array = _scale_array(array)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return array, mode in ("LA", "La", "RGBA", "RGBa")
-
-
-def _scale_array(array: np.ndarray) -> np.ndarray:
-    """uint8 / uint16 / bool -> [0, 1]; every other dtype -> float32 unchanged."""
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    if array.dtype == np.uint16:
-        return array.astype(np.float32) / 65535.0
-    if array.dtype == bool:
-        return array.astype(np.float32)
-    return array.astype(np.float32)
-
-
-def _read_tiff_bands(path: Path) -> tuple[np.ndarray, bool]:
-    """Read a (possibly multi-band) TIFF with tifffile: (H, W, C) array and whether C ends in alpha."""
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        axes, array = series.axes, np.asarray(series.asarray())
-        extra_samples = tuple(getattr(tif.pages[0], "extrasamples", ()) or ())
-    if axes == "YX":
-        array = array[:, :, None]
-    elif len(axes) == 3 and axes[1:] == "YX":
-        array = np.moveaxis(array, 0, -1)  # planar (C, H, W) -> (H, W, C)
-    elif not (len(axes) == 3 and axes[:2] == "YX"):
-        raise ValueError(
-            f"image {path} has TIFF axes {axes!r} with shape {array.shape}; expected a single "
-            "2-D image with at most one band axis (multi-page stacks are not supported)"
-        )
-    # TIFF ExtraSamples 1 / 2 = associated / unassociated alpha.
-    has_alpha = bool(extra_samples) and int(extra_samples[-1]) in (1, 2)
-    return _scale_array(array), has_alpha
-
-
-def _convert_channels(array: np.ndarray, has_alpha: bool, in_chans: int, name: str) -> torch.Tensor:
-    """(H, W, C_src) float32 -> (in_chans, H, W) tensor, following :func:`read_image`'s rules."""
-    channels = array.shape[-1]
-    if channels != in_chans and has_alpha:
-        array, channels = array[..., :-1], channels - 1
-    if channels != in_chans:
-        if channels == 1 and in_chans == 3:
-            array = np.repeat(array, 3, axis=-1)
-        elif channels == 3 and in_chans == 1:
-            array = (array @ _LUMA)[..., None]
-        else:
-            raise ValueError(
-                f"image {name} has {array.shape[-1] + int(has_alpha)} channel(s) "
-                f"({channels} without alpha) but in_chans={in_chans}; only gray->3, RGB->1 and "
-                "dropping an alpha channel are converted automatically"
-            )
-    # (H, W, C) -> (C, H, W)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32))

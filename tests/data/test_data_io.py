@@ -8,11 +8,11 @@ import types
 import numpy as np
 import pytest
 import torch
-from data_helpers import save, write_corrupt, write_truncated
-from PIL import Image
+from data_helpers import save, save_with_orientation, write_corrupt, write_png16, write_truncated
+from PIL import Image, ImageOps
 
-from hybridvision.data import io as data_io
 from hybridvision.data.io import check_mask_values, read_image, read_mask
+from hybridvision.deploy import runtime
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_tifffile_path_multiband(tmp_path, monkeypatch):
     class FakeTiffFile:
         def __init__(self, path):
             self.series = [types.SimpleNamespace(axes="SYX", asarray=lambda: bands)]
-            self.pages = [types.SimpleNamespace(extrasamples=(0,))]
+            self.pages = [types.SimpleNamespace(extrasamples=(0,), tags={})]
 
         def __enter__(self):
             return self
@@ -119,7 +119,7 @@ def test_tifffile_path_multiband(tmp_path, monkeypatch):
     fake = types.ModuleType("tifffile")
     fake.TiffFile = FakeTiffFile
     monkeypatch.setitem(sys.modules, "tifffile", fake)
-    monkeypatch.setattr(data_io, "_has_tifffile", lambda: True)
+    monkeypatch.setattr(runtime, "_has_tifffile", lambda: True)
     path = tmp_path / "rgbn.tif"
     path.write_bytes(b"")  # content is served by the fake module
     out = read_image(path, in_chans=4)
@@ -176,3 +176,71 @@ def test_check_mask_values_negative_ignore_index():
     assert counts.tolist() == [1, 3]
     with pytest.raises(ValueError, match=r"neg\.png has values \[-1\] outside \[0, 2\) that are not"):
         check_mask_values(torch.tensor([[0, -1]]), 2, -100, "neg.png")
+
+
+# --------------------------------------------------------------------------- orientation, 16-bit
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+def test_exif_orientation_is_applied_as_pil_displays_it(tmp_path, orientation, suffix):
+    """Every reader sees the picture as viewers show it: the same pixels as PIL's exif_transpose."""
+    stored = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}{suffix}"
+    img.save(path, exif=exif.tobytes())
+    with Image.open(path) as opened:
+        shown = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    expected = torch.from_numpy(shown).permute(2, 0, 1).float() / 255
+    assert read_image(path, 3).shape == ((3, 5, 7) if orientation < 5 else (3, 7, 5))
+    torch.testing.assert_close(read_image(path, 3), expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(runtime.read_image(path, 3)), expected, rtol=0, atol=0)
+    if suffix != ".tif" or orientation < 5:  # bytes are decoded by PIL: see the next test
+        torch.testing.assert_close(read_image(path.read_bytes(), 3), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_tifffile", [False, True])
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_tiff_orientation_with_and_without_tifffile(tmp_path, monkeypatch, use_tifffile, orientation):
+    """TIFF orientation tags are honoured by tifffile and PIL alike; PIL scrambles single-band TIFFs
+    whose tag swaps H and W, so without tifffile those are an error naming the file, not a misread."""
+    if use_tifffile:
+        pytest.importorskip("tifffile")
+    monkeypatch.setattr(runtime, "_has_tifffile", lambda: use_tifffile)
+    upright = np.arange(6, dtype=np.uint8).reshape(2, 3) * 40
+    path = save_with_orientation(tmp_path / f"o{orientation}.tif", upright, orientation)
+    if orientation == 6 and not use_tifffile:
+        with pytest.raises(ValueError, match=r"o6\.tif is a TIFF with orientation tag 6.*tifffile"):
+            read_image(path, 1)
+        return
+    assert read_image(path, 1)[0].mul(255).round().tolist() == [[0, 40, 80], [120, 160, 200]]
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_orientation_numbers_and_masks_turn_with_images(tmp_path, orientation):
+    """A 2 x 3 picture stored turned, with its tag: read back as the 2 x 3 picture; a mask with the
+    same tag turns the same way (a mask drawn on the upright picture has no tag and stays)."""
+    upright = np.array([[0, 10, 20], [30, 40, 50]], dtype=np.uint8)
+    image = save_with_orientation(tmp_path / f"o{orientation}.jpg", upright * 5, orientation, quality=100)
+    assert read_image(image, 1)[0].mul(255 / 5).round().tolist() == upright.tolist()
+    mask = save_with_orientation(tmp_path / f"m{orientation}.png", upright // 10, orientation)
+    assert read_mask(mask).tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert runtime.read_mask(mask).tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("interlace", [False, True])
+@pytest.mark.parametrize(("channels", "in_chans"), [(3, 3), (4, 3), (4, 4), (2, 1), (1, 1)])
+def test_16_bit_pngs_keep_all_16_bits(tmp_path, channels, in_chans, interlace):
+    """48-bit RGB (and 64-bit RGBA, 32-bit gray + alpha) PNGs: values / 65535, not their high byte."""
+    shape = (9, 13, channels) if channels > 1 else (9, 13)
+    words = np.random.default_rng(channels).integers(0, 65536, shape, dtype=np.uint16)
+    words.reshape(-1)[:4] = [1, 255, 256, 1007]  # differ only in the low byte's precision
+    path = write_png16(tmp_path / "deep.png", words, interlace=interlace)
+    full = (words if words.ndim == 3 else words[:, :, None])[..., :in_chans]  # alpha dropped
+    expected = torch.from_numpy(full.astype(np.float32) / 65535).permute(2, 0, 1)
+    torch.testing.assert_close(read_image(path, in_chans), expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(runtime.read_image(path, in_chans)), expected, rtol=0, atol=0)
+    first = read_image(path.read_bytes(), in_chans).mul(65535).round()[:, 0, 0]  # (C,) of pixel (0, 0)
+    assert first.tolist() == [1, 255, 256, 1007][:channels][:in_chans]

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from data_helpers import save, write_corrupt, write_truncated
+from data_helpers import save, save_with_orientation, write_corrupt, write_truncated
 from torch.utils.data import default_collate
 
 from hybridvision.data import ImageFolderDataset, SegmentationFolderDataset, split_by_ids
@@ -223,3 +223,23 @@ def test_folder_datasets_stop_iteration_at_their_length(tmp_path, image_tree):
         ds[4]
     images = ImageFolderDataset(image_tree)
     assert len(list(images)) == len(images)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_phone_photos_train_and_evaluate_upright_against_their_masks(tmp_path, orientation):
+    """A photo stored turned with an EXIF orientation tag, its mask drawn on the upright picture:
+    the training and evaluation datasets give the upright image, aligned with the mask."""
+    upright = np.zeros((24, 40), dtype=np.uint8)
+    upright[4:12, 8:30] = 1  # class 1: a bar in the upper half
+    save_with_orientation(
+        tmp_path / "images" / "train" / "photo.jpg",
+        np.repeat(upright[:, :, None] * 200, 3, axis=2),
+        orientation,
+        quality=100,
+    )
+    save(tmp_path / "masks" / "train" / "photo.png", upright)  # no tag: drawn upright
+    for transform in (None, build_seg_transforms(False, None, normalize="none")):
+        sample = SegmentationFolderDataset(tmp_path, "train", num_classes=2, transform=transform)[0]
+        assert sample["image"].shape == (3, 24, 40) and sample["mask"].shape == (24, 40)
+        assert torch.equal((sample["image"][0] > 0.5).long(), sample["mask"])
+        assert sample["mask"].tolist() == upright.tolist()

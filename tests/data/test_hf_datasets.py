@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from data_helpers import save
+from data_helpers import save, save_with_orientation, write_png16
 
 from hybridvision.data import HFSegmentationDataset, HFStreamingDataset, build_dataloader, load_hf_dataset
 
@@ -180,3 +180,29 @@ def test_auto_resize_reads_the_image_sizes_of_a_saved_dataset(tmp_path):
     assert sorted(image_sizes(cfg)) == [(20, 30), (20, 30), (200, 150)]
     resolve_resize(cfg)
     assert cfg.resize == [16, 64]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hf_cells_use_the_project_reader_orientation_and_16_bits(tmp_path, streaming):
+    """Image cells go through the same reader as files: EXIF orientation applied to image and mask
+    alike, 48-bit PNGs at full depth (datasets' own decoding would give 8 bits)."""
+    upright = np.array([[0, 1, 2], [3, 4, 5]], dtype=np.uint8)
+    photo = save_with_orientation(tmp_path / "photo.png", np.repeat(upright[:, :, None] * 40, 3, 2), 6)
+    mask = save_with_orientation(tmp_path / "mask.png", upright, 6)
+    words = np.full((2, 3, 3), 1007, dtype=np.uint16)
+    deep = write_png16(tmp_path / "deep.png", words)
+    features = datasets.Features(
+        {"id": datasets.Value("string"), "image": datasets.Image(), "label": datasets.Image()}
+    )
+    rows = {
+        "id": ["photo", "deep"],
+        "image": [{"bytes": photo.read_bytes(), "path": None}, {"bytes": deep.read_bytes(), "path": None}],
+        "label": [{"bytes": mask.read_bytes(), "path": None}, {"bytes": mask.read_bytes(), "path": None}],
+    }
+    path = tmp_path / "saved"
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
+    ds = load_hf_dataset(path, mask_column="label", num_classes=6, streaming=streaming)
+    samples = {s["id"]: s for s in (ds if streaming else [ds[0], ds[1]])}
+    assert samples["photo"]["image"][0].mul(255 / 40).round().tolist() == upright.tolist()
+    assert samples["photo"]["mask"].tolist() == upright.tolist()
+    assert samples["deep"]["image"].mul(65535).round().unique().tolist() == [1007.0]

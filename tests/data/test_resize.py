@@ -226,3 +226,20 @@ def test_recorded_scale_reaches_the_export_metadata(tmp_path):
 
     meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["hybridvision"])
     assert meta["resize"] == [48, 192]
+
+
+def test_image_sizes_are_the_displayed_sizes(tmp_path):
+    """data.resize=auto sees a phone photo stored sideways (EXIF orientation 6) at its upright size."""
+    from data_helpers import save_with_orientation
+
+    root = tmp_path / "d"
+    save_with_orientation(root / "images" / "train" / "p.jpg", np.zeros((40, 60, 3), np.uint8), 6)
+    save_with_orientation(root / "images" / "train" / "q.png", np.zeros((30, 50, 3), np.uint8), 8)
+    for stem, shape in (("p", (40, 60)), ("q", (30, 50))):
+        Image.fromarray(np.zeros(shape, np.uint8)).save(_mkdir(root / "masks" / "train") / f"{stem}.png")
+    assert sorted(image_sizes(DataConfig(source=str(root)))) == [(30, 50), (40, 60)]
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
