@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,17 @@ from ._util import run_stage, tiny_finetune_args
 
 pytestmark = pytest.mark.slow  # each test starts the stage script in a fresh interpreter
 
-LAUNCH_2 = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
+# the launcher through this interpreter: `accelerate` by name fails when the environment's bin/ is not on PATH
+LAUNCH_2 = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--main_process_port",
+    "0",
+]
 
 
 def tiny_distill_args(out: Path, teacher: Path) -> list[str]:
