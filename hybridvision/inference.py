@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .deploy.runtime import rescaled_size
+from .deploy.runtime import IMAGE_PAD_VALUE, rescaled_size
 
 __all__ = ["Predictor", "gaussian_window", "predict_sliding_window", "predict_whole", "window_starts"]
 
@@ -155,12 +155,13 @@ def predict_sliding_window(
     num_classes: int | None = None,
     tta_flips: Sequence[str] = (),
     output: Output = "probs",
-    pad_value: float = 0.0,
+    pad_value: float = IMAGE_PAD_VALUE,
 ) -> Tensor:
     """Predict by tiling the image with overlapping windows and blending their scores.
 
-    Images smaller than the window are padded (bottom/right, ``pad_value``) and the prediction is
-    cropped back; larger images, of any (odd) size, are covered by evenly spaced windows whose stride
+    Images smaller than the window are padded (bottom/right, ``pad_value``; by default
+    :data:`~hybridvision.deploy.runtime.IMAGE_PAD_VALUE`, the value training crops are padded with
+    after normalisation) and the prediction is cropped back; larger images, of any (odd) size, are covered by evenly spaced windows whose stride
     is at most ``window * (1 - overlap)``, the last one flush with the border. Windows of all images
     are run through the model ``batch_size`` at a time. Each pixel's score is the weighted mean of
     the windows covering it (``"uniform"`` weights, or a ``"gaussian"`` centred on each window, which
@@ -176,7 +177,8 @@ def predict_sliding_window(
         num_classes: if given, the model's K is checked against it.
         tta_flips: flipped views per window, see :func:`predict_whole`.
         output: ``"probs"`` or ``"logits"`` (see the module docstring).
-        pad_value: value of the padding for images smaller than the window.
+        pad_value: value of the padding for images smaller than the window (``image`` is
+            normalised: the default 0 is the normalisation mean, as in training crops).
 
     Returns:
         (B, K, H, W) float32 probabilities or logits.

@@ -206,3 +206,69 @@ def test_predictor_dispatches_on_mode():
         Predictor(model, mode="slide")
     with pytest.raises(ValueError, match="mode must be"):
         Predictor(model, mode="tiles")
+
+
+# --------------------------------------------------------------------------- padding: one rule
+
+
+class RecordingModel(nn.Module):
+    """Records every input it is given (the windows inference builds); predicts 2 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        return torch.zeros(x.shape[0], 2, *x.shape[-2:], dtype=x.dtype)
+
+
+@pytest.mark.parametrize("normalize", ["imagenet", "per_image"])
+@pytest.mark.parametrize("elastic", [0.0, 30.0])
+def test_training_crops_and_inference_windows_pad_with_the_same_values(normalize, elastic):
+    """An 11 x 9 image under a 16 x 16 crop and a 16 x 16 window: the training crop holds the
+    normalised image and 0 (the mean) around it, the masks ignore_index, and the windows of the
+    PyTorch and ONNX-runtime predictors hold the same normalised image with the same 0 border
+    (before the fix training padded raw pixels with 0: -2.1 after ImageNet normalisation)."""
+    import numpy as np
+
+    from hybridvision.data import apply_transform, build_seg_transforms
+    from hybridvision.deploy import runtime
+
+    torch.manual_seed(0)
+    image = torch.rand(3, 11, 9, generator=torch.Generator().manual_seed(3)) * 0.4 + 0.3
+    sample = {"image": image, "mask": torch.ones(11, 9, dtype=torch.int64), "id": "small"}
+    train_tf = build_seg_transforms(
+        True, (16, 16), scale=(1.0, 1.0), hflip=False, elastic=elastic, normalize=normalize, ignore_index=7
+    )
+    eval_tf = build_seg_transforms(False, None, normalize=normalize)
+    normalised = apply_transform(sample, eval_tf)["image"]  # (3, 11, 9), what inference pads
+    crop = apply_transform(sample, train_tf)
+    assert crop["image"].shape == (3, 16, 16) and crop["mask"].shape == (16, 16)
+
+    model = RecordingModel()
+    predict_sliding_window(model, normalised[None], (16, 16))
+    (window,) = model.inputs  # (1, 3, 16, 16)
+    windows = []
+    runtime.predict_sliding_window(
+        lambda x: windows.append(x) or np.zeros((x.shape[0], 2, 16, 16), np.float32),
+        normalised[None].numpy(),
+        (16, 16),
+    )
+    torch.testing.assert_close(torch.from_numpy(windows[0]), window, rtol=0, atol=0)
+    border = torch.ones(16, 16, dtype=torch.bool)
+    border[:11, :9] = False
+    assert window[0][:, border].abs().max() == 0  # the inference border: 0
+    torch.testing.assert_close(window[0][:, :11, :9], normalised, rtol=0, atol=0)
+
+    outside = crop["mask"] == 7  # padded (and, with elastic, brought in from outside)
+    assert outside.any()
+    if elastic == 0:  # the picture is copied exactly, at some offset
+        assert int(outside.sum()) == 16 * 16 - 11 * 9
+        rows, cols = torch.nonzero(~outside, as_tuple=True)
+        top, left = int(rows.min()), int(cols.min())
+        torch.testing.assert_close(crop["image"][:, top : top + 11, left : left + 9], normalised)
+        assert crop["image"][:, outside].abs().max() == 0  # the same border as inference
+    else:  # bilinear sampling blends the picture with the border: values stay within the two
+        low = min(0.0, float(normalised.min()))
+        assert float(crop["image"].min()) >= low - 1e-5

@@ -3,6 +3,11 @@
 Every transform takes and returns the sample dict ``{"image": tv_tensors.Image, "mask":
 tv_tensors.Mask, "id": str}``; spatial ops move image and mask together, masks are resampled
 with nearest-neighbour interpolation and padded with ``ignore_index``.
+
+Padding follows one rule in training and inference: it is added to the *normalised* image, with
+:data:`~hybridvision.deploy.runtime.IMAGE_PAD_VALUE` (0, the normalisation mean), so an image
+smaller than the training crop sees the same border as one smaller than an inference window
+(:func:`hybridvision.inference.predict_sliding_window`, the ONNX runtime).
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from ..deploy.runtime import rescaled_size
+from ..deploy.runtime import IMAGE_PAD_VALUE, rescaled_size
 
 __all__ = [
     "AlignedResize",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "PadToSize",
     "PerImageNormalize",
+    "RandomCropUpTo",
     "RandomResize",
     "RandomRot90",
     "RandomScale",
@@ -157,6 +164,65 @@ class RandomResize(v2.Transform):
         return _resize(inpt, params["size"])
 
 
+class RandomCropUpTo(v2.Transform):
+    """Crop image and mask together at a random position to at most ``size``.
+
+    A side shorter than the crop is kept whole: padding is added after normalisation, by
+    :class:`PadToSize`, so that padded pixels have the value inference pads with.
+
+    Args:
+        size: Crop (H, W).
+    """
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = (int(size[0]), int(size[1]))
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = F.get_size(flat_inputs[0])
+        crop_h, crop_w = min(self.size[0], height), min(self.size[1], width)
+        top = int(torch.randint(0, height - crop_h + 1, ()))
+        left = int(torch.randint(0, width - crop_w + 1, ()))
+        return {"top": top, "left": left, "height": crop_h, "width": crop_w}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return F.crop(inpt, **params)
+
+
+class PadToSize(v2.Transform):
+    """Pad a normalised image with :data:`~hybridvision.deploy.runtime.IMAGE_PAD_VALUE` and its
+    mask with ``ignore_index`` up to ``size``, the picture at a random offset.
+
+    The value is the one inference pads windows with, so padding means the same in both.
+
+    Args:
+        size: Minimum output (H, W); larger inputs are left as they are.
+        ignore_index: Mask value of the added pixels.
+    """
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
+
+    def __init__(self, size: tuple[int, int], ignore_index: int) -> None:
+        super().__init__()
+        self.size = (int(size[0]), int(size[1]))
+        self.ignore_index = int(ignore_index)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = F.get_size(flat_inputs[0])
+        extra_h, extra_w = max(self.size[0] - height, 0), max(self.size[1] - width, 0)
+        top = int(torch.randint(0, extra_h + 1, ())) if extra_h else 0
+        left = int(torch.randint(0, extra_w + 1, ())) if extra_w else 0
+        return {"padding": [left, top, extra_w - left, extra_h - top]}  # left, top, right, bottom
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not any(params["padding"]):
+            return inpt
+        fill = self.ignore_index if isinstance(inpt, tv_tensors.Mask) else IMAGE_PAD_VALUE
+        return F.pad(inpt, params["padding"], fill=fill)
+
+
 class RandomScale(RandomResize):
     """Resize image and mask by one random factor relative to their own size.
 
@@ -187,10 +253,14 @@ def build_seg_transforms(
     """Build the train or eval transform for segmentation samples.
 
     Train: window -> random 90-degree rotation -> rescale to ``resize`` times a random ratio in
-    ``scale`` -> random crop to ``size`` (image padded with 0, mask with ``ignore_index``) -> flips
-    -> elastic -> colour jitter -> normalisation. Eval: window -> resize to ``size`` (if given) ->
-    normalisation (evaluation at the ``resize`` scale happens in
-    :class:`hybridvision.inference.Predictor`, which maps predictions back to the original size).
+    ``scale`` -> random crop of at most ``size`` -> flips -> colour jitter -> normalisation ->
+    padding up to ``size`` -> elastic. Padding and the pixels elastic deformation brings in from
+    outside are added to the normalised image with
+    :data:`~hybridvision.deploy.runtime.IMAGE_PAD_VALUE` (0, the normalisation mean), as inference
+    pads its windows, and to the mask with ``ignore_index``. Eval: window -> resize to ``size``
+    (if given) -> normalisation (evaluation at the ``resize`` scale happens in
+    :class:`hybridvision.inference.Predictor`, which maps predictions back to the original size
+    and pads images smaller than its window by the same rule).
 
     Args:
         train: Training (random augmentation) or evaluation pipeline.
@@ -219,29 +289,33 @@ def build_seg_transforms(
     Returns:
         A ``v2.Compose`` taking and returning a sample dict.
     """
-    fill = {tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index}
     steps: list[v2.Transform] = []
     if window is not None:
         steps.append(Window(*window))
-    if train:
-        if rot90:
-            steps.append(RandomRot90())
+    if not train:
         if size is not None:
-            steps.append(RandomResize(resize, scale))
-            steps.append(v2.RandomCrop(size, pad_if_needed=True, fill=fill))
-        if hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        if vflip:
-            steps.append(v2.RandomVerticalFlip())
-        if elastic > 0:
-            # The displacement blur pads by ~4 sigma, which must stay below the image side.
-            sigma = 5.0 if size is None else min(5.0, (min(size) - 1) / 8)
-            steps.append(v2.ElasticTransform(alpha=float(elastic), sigma=sigma, fill=fill))
-        if color_jitter > 0:
-            steps.extend(_color_jitter(color_jitter, in_chans))
-    elif size is not None:
-        steps.append(AlignedResize(size))
+            steps.append(AlignedResize(size))
+        steps.extend(_normalization(normalize, in_chans))
+        return v2.Compose(steps or [v2.Identity()])
+    if rot90:
+        steps.append(RandomRot90())
+    if size is not None:
+        steps.append(RandomResize(resize, scale))
+        steps.append(RandomCropUpTo(size))
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if vflip:
+        steps.append(v2.RandomVerticalFlip())
+    if color_jitter > 0:
+        steps.extend(_color_jitter(color_jitter, in_chans))
     steps.extend(_normalization(normalize, in_chans))
+    if size is not None:
+        steps.append(PadToSize(size, ignore_index))
+    if elastic > 0:
+        # The displacement blur pads by ~4 sigma, which must stay below the image side.
+        sigma = 5.0 if size is None else min(5.0, (min(size) - 1) / 8)
+        fill = {tv_tensors.Image: IMAGE_PAD_VALUE, tv_tensors.Mask: ignore_index}
+        steps.append(v2.ElasticTransform(alpha=float(elastic), sigma=sigma, fill=fill))
     return v2.Compose(steps or [v2.Identity()])
 
 
