@@ -23,9 +23,18 @@ __all__ = ["Labelled", "UnlabelledAsSegmentation", "build_distill_train_set"]
 
 
 class Labelled(Dataset):
-    """Adds ``labelled=True`` to each sample of a labelled dataset."""
+    """Adds ``labelled=True`` to each sample of a labelled (map-style) dataset.
+
+    Raises:
+        ConfigError: For a stream (``data.streaming=true``): distillation indexes its training set.
+    """
 
     def __init__(self, dataset: Dataset) -> None:
+        if isinstance(dataset, IterableDataset):
+            raise ConfigError(
+                "data.streaming=true: distillation needs a map-style labelled set (it indexes its "
+                "training set); set data.streaming=false"
+            )
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -71,8 +80,6 @@ def build_distill_train_set(
     out: Dataset = Labelled(labelled)
     if not data.unlabelled_source:
         return out, 0
-    if isinstance(labelled, IterableDataset):
-        raise ConfigError("data.unlabelled_source needs a map-style labelled set (data.streaming=false)")
     extra_cfg = dataclasses.replace(
         data, source=data.unlabelled_source, split=data.unlabelled_split, streaming=False
     )

@@ -24,6 +24,7 @@ from .synthetic import SyntheticShapesDataset
 
 __all__ = [
     "source_kind",
+    "check_streaming",
     "build_unlabelled_dataset",
     "build_labelled_datasets",
     "class_names",
@@ -101,10 +102,42 @@ def _synthetic_classes(cfg: DataConfig) -> int:
     return max(cfg.num_classes, 2)
 
 
+def check_streaming(cfg: DataConfig, labelled: bool) -> None:
+    """Refuse ``data.streaming=true`` where it cannot apply, so the setting is never ignored.
+
+    It streams Hugging Face sources (``save_to_disk`` folders and hub ids) of unlabelled
+    pretraining data. Labelled data (fine-tuning, distillation) is read map-style: evaluation
+    counts every sample exactly once across processes, and distillation indexes its training set
+    (unlabelled images mixed in, int8 calibration). Synthetic and file-folder sources have no
+    stream (folders are read file by file already).
+
+    Raises:
+        ConfigError: One line naming ``data.streaming`` and what to set.
+    """
+    if not cfg.streaming:
+        return
+    if labelled:
+        raise ConfigError(
+            "data.streaming=true applies to unlabelled pretraining data only: fine-tuning and "
+            "distillation read labelled data map-style (evaluation counts each sample once across "
+            "processes, distillation indexes its training set); set data.streaming=false (a hub "
+            "dataset is then downloaded once into the datasets cache)"
+        )
+    kind = source_kind(cfg.source)
+    if kind not in ("hf_disk", "hub"):
+        what = "the synthetic set" if kind == "synthetic" else "a folder of image files, read file by file"
+        raise ConfigError(
+            f"data.streaming=true streams Hugging Face datasets sources only, and data.source="
+            f"{cfg.source!r} is {what}; set data.streaming=false"
+        )
+
+
 def build_unlabelled_dataset(
     cfg: DataConfig, transform: Transform | None, seed: int = 0, rank: int = 0, world_size: int = 1
 ) -> Dataset:
-    """Images for self-supervised pretraining (masks, if any, are not read)."""
+    """Images for self-supervised pretraining (masks, if any, are not read); ``data.streaming``
+    streams Hugging Face sources (see :func:`check_streaming`)."""
+    check_streaming(cfg, labelled=False)
     kind = source_kind(cfg.source)
     if kind == "synthetic":
         return SyntheticShapesDataset(
@@ -147,7 +180,11 @@ def build_labelled_datasets(
     seed: int = 0,
     check: str = "full",
 ) -> tuple[Dataset, Dataset | None]:
-    """(train, validation) image+mask datasets; validation is None when ``data.val_split=''``."""
+    """(train, validation) image+mask datasets; validation is None when ``data.val_split=''``.
+
+    Both are map-style: ``data.streaming=true`` is refused (:func:`check_streaming`).
+    """
+    check_streaming(cfg, labelled=True)
     kind = source_kind(cfg.source)
     ignore = cfg.ignore_index
     classes = max(cfg.num_classes, 2)

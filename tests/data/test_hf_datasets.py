@@ -206,3 +206,41 @@ def test_hf_cells_use_the_project_reader_orientation_and_16_bits(tmp_path, strea
     assert samples["photo"]["image"][0].mul(255 / 40).round().tolist() == upright.tolist()
     assert samples["photo"]["mask"].tolist() == upright.tolist()
     assert samples["deep"]["image"].mul(65535).round().unique().tolist() == [1007.0]
+
+
+def test_streaming_is_refused_for_labelled_data_not_ignored(tmp_path):
+    """data.streaming=true used to be dropped silently for labelled data (fine-tuning then read the
+    whole set map-style); labelled data is map-style, so the setting is an error naming itself."""
+    from finetune.config import FinetuneConfig
+    from finetune.run import build_data
+    from hybridvision.config import ConfigError, DataConfig
+    from hybridvision.data.from_config import build_labelled_datasets
+
+    path = save_to_disk(tmp_path / "saved", make_rows(4), dict_splits=True)
+    common = dict(source=str(path), image_column="pixels", val_split="validation", num_classes=3)
+    labelled, val = build_labelled_datasets(DataConfig(**common), None, None)
+    assert isinstance(labelled, HFSegmentationDataset) and len(labelled) == 4 and len(val) == 2
+    with pytest.raises(
+        ConfigError, match=r"^data\.streaming=true applies to unlabelled .*data\.streaming=false"
+    ):
+        build_labelled_datasets(DataConfig(**common, streaming=True), None, None)
+    cfg = FinetuneConfig()
+    cfg.data = DataConfig(**common, streaming=True, resize="native")
+    with pytest.raises(ConfigError, match=r"data\.streaming=true"):
+        build_data(cfg)  # the fine-tuning stage's (and distillation's) data entry point
+
+
+def test_streaming_pretraining_data_streams_hf_sources_and_refuses_others(tmp_path):
+    from hybridvision.config import ConfigError, DataConfig
+    from hybridvision.data.from_config import build_unlabelled_dataset
+
+    path = save_to_disk(tmp_path / "saved", make_rows(4))
+    stream = build_unlabelled_dataset(
+        DataConfig(source=str(path), image_column="pixels", streaming=True), None
+    )
+    assert isinstance(stream, HFStreamingDataset) and len(list(stream)) == 4
+    folder = tmp_path / "folder"
+    save(folder / "a.png", np.zeros((4, 4, 3), np.uint8))
+    for source, what in ((str(folder), "a folder of image files"), ("synthetic", "the synthetic set")):
+        with pytest.raises(ConfigError, match=f"Hugging Face datasets sources only.*is {what}"):
+            build_unlabelled_dataset(DataConfig(source=source, streaming=True), None)

@@ -62,3 +62,37 @@ def test_the_student_trains_at_the_teachers_scale_unless_told_otherwise(tmp_path
     assert resolve_data(cfg, teacher).resize == [48, 192]  # data.resize=auto -> the teacher's
     cfg.data.resize = "native"
     assert resolve_data(cfg, teacher).resize == "native"  # an explicit choice wins
+
+
+def test_streaming_labelled_data_is_refused_not_ignored(tmp_path):
+    """data.streaming=true in distillation used to finish as if it were false; distillation indexes
+    its training set, so a stream is an error naming the key, at the data step and in Labelled."""
+    import datasets
+    import pytest
+
+    from distill.data import Labelled
+    from hybridvision.config import ConfigError
+    from hybridvision.data import load_hf_dataset
+
+    rng = np.random.default_rng(0)
+    rows = {
+        "image": [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(3)],
+        "label": [Image.fromarray(rng.integers(0, 3, (8, 8), dtype=np.uint8)) for _ in range(3)],
+    }
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    path = tmp_path / "saved"
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
+    data = DistillDataConfig(
+        source=str(path), val_split="", num_classes=3, in_chans=3, normalize="imagenet", streaming=True
+    )
+    with pytest.raises(ConfigError, match=r"data\.streaming=true .*data\.streaming=false"):
+        build_labelled_datasets(data, None, None)
+    stream = load_hf_dataset(path, mask_column="label", streaming=True)
+    with pytest.raises(ConfigError, match=r"data\.streaming=true: distillation needs a map-style"):
+        build_distill_train_set(data, stream, None, seed=0)
+    with pytest.raises(ConfigError, match="map-style"):
+        Labelled(stream)
+    data.streaming = False
+    labelled, _ = build_labelled_datasets(data, None, None)
+    train, _ = build_distill_train_set(data, labelled, None, seed=0)
+    assert len(train) == 3 and train[2]["labelled"] and train[2]["mask"].shape == (8, 8)
