@@ -3,8 +3,9 @@
     python finetune/predict.py --model runs/finetune/model --input image_or_folder --output out/
     python finetune/predict.py --model runs/distill/model.onnx --input images/ --output out/
 
-Writes, per input image, ``<id>_mask.png`` (class indices at the image's original size; 8-bit,
-or 16-bit when there are more than 255 classes) and ``<id>_overlay.png`` (coloured classes over
+Writes, per input image, ``<id>_mask.png`` (class indices at the image's size as displayed: a
+photo's EXIF orientation is applied, as in training; 8-bit, or 16-bit when there are more than
+255 classes) and ``<id>_overlay.png`` (coloured classes over
 the image). ``<id>`` is the image's path relative to ``--input`` without its extension; where two
 inputs would share it (``x.png`` and ``x.jpg``) both keep their extension (``x_png``, ``x_jpg``).
 Images of any size are handled by the sliding window (default window: the training crop size
@@ -136,7 +137,7 @@ def _torch_predictor(args: argparse.Namespace):
     )
 
     def read(path: Path) -> np.ndarray:
-        return read_image(path, in_chans).numpy()  # (C, H, W) at the original size
+        return read_image(path, in_chans).numpy()  # (C, H, W) as displayed (EXIF orientation)
 
     def predict(image: np.ndarray) -> np.ndarray:
         # apply_transform wraps the image as a tv_tensors.Image: Window and PerImageNormalize only

@@ -137,3 +137,33 @@ def test_read_image_matches_the_torch_reader(setup):
     for path in sorted((setup / "images").rglob("*.*")):
         for chans in (1, 3):
             np.testing.assert_array_equal(runtime.read_image(path, chans), read_image(path, chans).numpy())
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_predictions_are_written_in_the_displayed_orientation(setup, tmp_path, orientation):
+    """A phone photo stored turned with an EXIF orientation tag: both predictors write its mask and
+    overlay at the size viewers show, equal to the prediction for the same picture saved upright."""
+    from PIL import ImageOps
+
+    images = tmp_path / "in"
+    images.mkdir()
+    stored = np.random.default_rng(orientation).integers(0, 256, (30, 52, 3), dtype=np.uint8)
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(images / "photo.jpg", exif=exif.tobytes(), quality=95)
+    with Image.open(images / "photo.jpg") as photo:
+        upright = ImageOps.exif_transpose(photo)  # the displayed pixels, saved losslessly
+        upright.save(images / "upright.png")
+    height, width = upright.height, upright.width
+    assert (height, width) == ((30, 52) if orientation == 3 else (52, 30))
+    runtime.OnnxPredictor(setup / "model.onnx", threads=1).predict_files(
+        runtime.list_images(images), images, tmp_path / "o"
+    )
+    args = ["--input", str(images), "--output", str(tmp_path / "t"), "--device", "cpu"]
+    assert predict_cli.main(["--model", str(setup / "model"), *args]) == 0
+    for out in (tmp_path / "o", tmp_path / "t"):
+        masks = _masks(out)
+        assert masks["photo_mask.png"].shape == (height, width)
+        np.testing.assert_array_equal(masks["photo_mask.png"], masks["upright_mask.png"])
+        assert Image.open(out / "photo_overlay.png").size == (width, height)
