@@ -61,6 +61,15 @@ class ProbeConfig:
 
 
 @dataclass
+class PretrainModelConfig(ModelConfig):
+    """The encoder (or, with objective.mim_decoder=segmenter, the segmenter) and where it starts from."""
+
+    name: str = ""  # encoder / segmenter name ('' = hybrid_nano, or the architecture model.init holds)
+    init: str = ""  # continue from: our encoder/ segmenter/ model/ dir, a timm or transformers dir or hub id, a weights file
+    init_strict: bool = True  # tensors that do not fit are errors (false: keep their random init and list them)
+
+
+@dataclass
 class PretrainConfig:
     """``pretrain/run.py``: self-supervised pretraining of an encoder."""
 
@@ -79,6 +88,6 @@ class PretrainConfig:
         default_factory=lambda: OptimConfig(lr=2e-3, weight_decay=0.05, warmup_steps=15)
     )
     data: DataConfig = field(default_factory=lambda: DataConfig(image_size=(64, 64), synthetic_samples=2048))
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="hybrid_nano"))
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)

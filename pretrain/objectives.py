@@ -57,7 +57,7 @@ from einops import rearrange
 from lightly.loss import NTXentLoss
 from torch import Tensor, nn
 
-from hybridvision.models.base import Encoder, Segmenter, mask_to
+from hybridvision.models.base import Encoder, Segmenter, encoder_layer_groups, mask_to
 
 from .dense import make_dense_views, sample_points
 from .heads import (
@@ -683,6 +683,28 @@ class PretrainModel(nn.Module):
             :class:`PretrainOutput`.
         """
         return self.objective(self.encoder, batch)
+
+    @property
+    def num_layers(self) -> int:
+        """Depth groups for layer-wise LR decay (``optim.layer_decay``): encoder groups, then the heads."""
+        if getattr(self, "_layer_order", None) is None:
+            in_chans = self.encoder.build_kwargs.get("in_chans", 3) if hasattr(self.encoder, "build_kwargs") else 3
+            self._layer_order = [f"encoder.{n}" for n in encoder_layer_groups(self.encoder, in_chans)]
+        return len(self._layer_order)
+
+    def layer_id(self, name: str) -> int:
+        """Depth group of parameter ``name``: encoder groups 0.., heads and mask token ``num_layers``.
+
+        A continued run (``model.init``) with ``optim.layer_decay < 1`` moves the loaded early layers
+        least, as in BEiT / MAE fine-tuning; parameters directly on the encoder share group 0.
+        """
+        top = self.num_layers
+        if not name.startswith("encoder."):
+            return top
+        for i, prefix in enumerate(self._layer_order):
+            if name.startswith(prefix + "."):
+                return i
+        return 0
 
     def no_weight_decay(self) -> set[str]:
         """Encoder tokens / position tables, the MIM mask token and the decoder's mask embeddings."""

@@ -33,8 +33,9 @@ from hybridvision.engine import (  # noqa: E402
     pending_exit_code,
     shutdown_distributed,
 )
-from hybridvision.models import create_encoder, create_segmenter, list_models, save_pretrained  # noqa: E402
+from hybridvision.models import list_models, save_pretrained  # noqa: E402
 from hybridvision.models.registry import segmenter_spec  # noqa: E402
+from hybridvision.models.transfer import InitReport, build_encoder, build_segmenter  # noqa: E402
 from hybridvision.probe import dense_linear_probe  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.heads import classifier_prefix  # noqa: E402
@@ -42,8 +43,11 @@ from pretrain.monitors import make_mim_grid  # noqa: E402
 from pretrain.objectives import PretrainModel, scaled_lr  # noqa: E402
 from pretrain.views import build_pretrain_transform  # noqa: E402
 
+DEFAULT_ENCODER = "hybrid_nano"  # model.name when neither it nor model.init is given
 
-def build_model(cfg: PretrainConfig) -> PretrainModel:
+
+def build_model(cfg: PretrainConfig) -> tuple[PretrainModel, InitReport]:
+    """The encoder (or segmenter) and its objective's heads; the init report says where it started."""
     obj = cfg.objective
     options = dict(
         in_chans=cfg.data.in_chans,
@@ -62,17 +66,24 @@ def build_model(cfg: PretrainConfig) -> PretrainModel:
         dense_points=obj.dense_points,
     )
     c = cfg.data.in_chans
+    m = cfg.model
+    name = m.name or ("" if m.init else DEFAULT_ENCODER)
+    size = tuple(cfg.data.image_size)
     if obj.mim_decoder == "segmenter":  # the whole segmenter, reconstructing its C input channels
-        segmenter = create_segmenter(cfg.model.name, num_classes=c, in_chans=c, **cfg.model.overrides)
-        return PretrainModel.from_segmenter(segmenter, obj.name, **options)
-    if cfg.model.name in list_models("segmenter"):
-        raise ConfigError(
-            f"model.name={cfg.model.name!r} is a segmenter preset (encoder "
-            f"{segmenter_spec(cfg.model.name).encoder!r}): pretrain its encoder with model.name="
-            f"{segmenter_spec(cfg.model.name).encoder}, or the whole segmenter with objective.mim_decoder=segmenter"
+        segmenter, report = build_segmenter(
+            name, c, c, init=m.init, strict=m.init_strict, overrides=m.overrides, input_size=size
         )
-    encoder = create_encoder(cfg.model.name, in_chans=c, **cfg.model.overrides)
-    return PretrainModel(encoder, obj.name, **options)
+        return PretrainModel.from_segmenter(segmenter, obj.name, **options), report
+    if name in list_models("segmenter"):
+        raise ConfigError(
+            f"model.name={name!r} is a segmenter preset (encoder "
+            f"{segmenter_spec(name).encoder!r}): pretrain its encoder with model.name="
+            f"{segmenter_spec(name).encoder}, or the whole segmenter with objective.mim_decoder=segmenter"
+        )
+    encoder, report = build_encoder(
+        name, c, init=m.init, strict=m.init_strict, overrides=m.overrides, input_size=size
+    )
+    return PretrainModel(encoder, obj.name, **options), report
 
 
 def probe_loaders(cfg: PretrainConfig) -> tuple[DataLoader, DataLoader] | None:
@@ -141,7 +152,9 @@ def main(cfg: PretrainConfig) -> None:
         engine.print(
             f"optim.lr scaled ({cfg.objective.lr_scaling}, global batch {global_batch}) to {cfg.optim.lr:.3g}"
         )
-    model = build_model(cfg)
+    model, report = build_model(cfg)
+    if engine.resume_checkpoint is None:  # else the weights come from the checkpoint
+        engine.print(report.summary())
     if cfg.objective.sync_batchnorm and acc.num_processes > 1 and acc.device.type == "cuda":  # CUDA-only op
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 

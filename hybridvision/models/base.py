@@ -169,6 +169,48 @@ class Encoder(nn.Module):
         return set()
 
 
+def encoder_layer_groups(encoder: Encoder, in_chans: int = 3) -> list[str]:
+    """Parameter-name prefixes of ``encoder``'s depth groups, in execution order (layer-wise LR decay).
+
+    Groups are the encoder's children, with ModuleList / Sequential / ModuleDict children split per
+    item and a single wrapping child (a timm feature extractor, a transformers backbone) entered
+    first; the order is the order in which a forward pass first calls them (definition order can
+    interleave stages, e.g. separate lists of patch embeddings and blocks).
+    """
+    root, base = encoder, ""
+    children = [(n, c) for n, c in root.named_children() if any(True for _ in c.parameters())]
+    while len(children) == 1 and not isinstance(
+        children[0][1], (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+    ):
+        name, root = children[0]
+        base += name + "."
+        children = [(n, c) for n, c in root.named_children() if any(True for _ in c.parameters())]
+    candidates: list[tuple[str, nn.Module]] = []
+    for name, child in root.named_children():
+        if isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+            candidates += [(f"{base}{name}.{sub}", c) for sub, c in child.named_children()]
+        else:
+            candidates.append((base + name, child))
+    order: list[str] = []
+    hooks = [
+        module.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n) if n not in order else None)
+        for name, module in candidates
+    ]
+    size = encoder.input_size or (64, 64)
+    was_training = encoder.training
+    try:
+        encoder.eval()
+        with torch.no_grad():
+            encoder.forward_features(torch.zeros(1, in_chans, *size))
+    finally:
+        encoder.train(was_training)
+        for h in hooks:
+            h.remove()
+    order += [n for n, _ in candidates if n not in order]  # never called: earliest LR
+    with_params = {n for n, m in candidates if any(True for _ in m.parameters())}
+    return [n for n in order if n in with_params]
+
+
 class Segmenter(nn.Module):
     """Encoder + decoder returning logits (B, num_classes, H, W) at the input resolution.
 
@@ -201,36 +243,10 @@ class Segmenter(nn.Module):
     # ---------------------------------------------------------------- layer-wise LR decay
 
     def _layer_groups(self) -> list[str]:
-        """Encoder parameter-name prefixes in execution order (embeddings first, last stage last).
-
-        Groups are the encoder's children, with ModuleList/Sequential children split per item; the
-        order is the order in which a forward pass first calls them (module-definition order can
-        interleave stages, e.g. separate lists of patch embeddings and blocks).
-        """
+        """Encoder parameter-name prefixes in execution order (see :func:`encoder_layer_groups`)."""
         if getattr(self, "_layer_order", None) is None:
-            candidates: list[tuple[str, nn.Module]] = []
-            for name, child in self.encoder.named_children():
-                if isinstance(child, (nn.ModuleList, nn.Sequential)):
-                    candidates += [(f"{name}.{sub}", c) for sub, c in child.named_children()]
-                else:
-                    candidates.append((name, child))
-            order: list[str] = []
-            hooks = [
-                module.register_forward_pre_hook(
-                    lambda _m, _a, n=name: order.append(n) if n not in order else None
-                )
-                for name, module in candidates
-            ]
             in_chans = self.build_kwargs.get("in_chans", 3)
-            try:
-                with torch.no_grad():
-                    self.encoder.forward_features(torch.zeros(1, in_chans, 64, 64))
-            finally:
-                for h in hooks:
-                    h.remove()
-            order += [n for n, _ in candidates if n not in order]  # never called: earliest LR
-            with_params = {n for n, m in candidates if any(True for _ in m.parameters())}
-            self._layer_order = [f"encoder.{n}" for n in order if n in with_params]
+            self._layer_order = [f"encoder.{n}" for n in encoder_layer_groups(self.encoder, in_chans)]
         return self._layer_order
 
     @property

@@ -30,10 +30,10 @@ from typing import Any
 from torch import nn
 
 from .base import Encoder, Segmenter
-from .factory import create_segmenter, encoder_name, with_input_size
+from .factory import create_encoder, create_segmenter, encoder_name, with_input_size
 from .hub import external_encoder_name, from_pretrained, read_model_config
 
-__all__ = ["InitReport", "build_segmenter", "load_matching"]
+__all__ = ["InitReport", "build_encoder", "build_segmenter", "load_matching"]
 
 
 @dataclass
@@ -231,6 +231,84 @@ def build_segmenter(
         raise TypeError(type(loaded))
     report.source = source
     return model, report
+
+
+def build_encoder(
+    name: str,
+    in_chans: int = 3,
+    init: str = "",
+    strict: bool = True,
+    overrides: dict[str, Any] | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> tuple[Encoder, InitReport]:
+    """Build an encoder (pretraining's model) and initialise it from ``init``.
+
+    Sources are those of :func:`build_segmenter`; from a segmenter (ours, or SegFormer) only the
+    encoder is taken. ``name`` (an encoder or a segmenter preset, whose encoder is used) may be
+    empty when ``init`` names the architecture; if both are given they must agree.
+
+    Raises:
+        ValueError: a conflict between ``name`` and ``init``, another ``in_chans``, or (strict)
+            tensors that do not fit, each naming the source.
+    """
+    overrides = dict(overrides or {})
+    report = InitReport()
+    wanted = encoder_name(name) if name else ""
+
+    def fresh(arch: str, build: dict[str, Any]) -> Encoder:
+        return create_encoder(arch, in_chans, **with_input_size(arch, input_size, {**build, **overrides}))
+
+    if not init:
+        if not wanted:
+            raise ValueError(
+                "model.name is empty and model.init is not set: nothing says which encoder to build"
+            )
+        return fresh(wanted, {}), report
+    if Path(init).is_file():
+        if not wanted:
+            raise ValueError(
+                f"model.init={init} is a weights file: set model.name to the encoder it belongs to"
+            )
+        encoder = fresh(wanted, {})
+        if getattr(encoder, "load_pretrained_weights", None) is None:
+            raise ValueError(
+                f"model.init={init} is a weights file, but encoder {wanted!r} cannot convert one"
+            )
+        result = _load_external(encoder, init, strict)
+        if result is None:
+            report.source, report.loaded = init, list(encoder.state_dict())
+        else:
+            _fill_report(report, result, init)
+            report.loaded = [n.removeprefix("encoder.") for n in report.loaded]
+            report.missing = [n.removeprefix("encoder.") for n in report.missing]
+        return encoder, report
+    config = read_model_config(init)
+    external = external_encoder_name(config)
+    if external is not None:
+        src, build = external
+        if wanted and wanted != src:
+            raise ValueError(f"model.name={name!r} conflicts with model.init={init}, which holds {src!r}")
+        encoder = fresh(src, build)
+        result = encoder.load_pretrained_weights(init, strict=strict)
+        _fill_report(report, result, f"{init} ({src} weights)")
+        report.loaded = [n.removeprefix("encoder.") for n in report.loaded]
+        report.missing = [n.removeprefix("encoder.") for n in report.missing]
+        return encoder, report
+    loaded = from_pretrained(init)
+    source_encoder = loaded.encoder if isinstance(loaded, Segmenter) else loaded
+    build = dict(source_encoder.build_kwargs)
+    src = build.pop("name")
+    src_in = build.pop("in_chans", in_chans)
+    if src_in != in_chans:
+        raise ValueError(f"{init} holds an encoder for in_chans={src_in} but data.in_chans={in_chans}")
+    if wanted and wanted != src:
+        raise ValueError(
+            f"model.name={name!r} conflicts with model.init={init}, which holds a {src!r} encoder"
+        )
+    encoder = create_encoder(src, in_chans, **{**build, **overrides})
+    load_matching(encoder, source_encoder.state_dict(), strict, report)
+    report.source = f"{init} (encoder {src})"
+    return encoder, report
 
 
 def _preset_encoder(name: str) -> str:

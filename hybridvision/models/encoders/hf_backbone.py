@@ -124,48 +124,58 @@ class TransformersEncoder(Encoder):
         return list(self.model(pixel_values=x).feature_maps)
 
     def load_pretrained_weights(self, source: str | os.PathLike, strict: bool = True) -> LoadResult:
-        """Load a transformers checkpoint (directory, hub id or weights file) into the backbone.
+        """Load a transformers checkpoint (a ``save_pretrained`` directory or its hub id).
 
-        Keys may carry the task model's prefix (``dinov2.``, ``convnext.``); the patch embedding is
+        transformers reads it (the backbone class's ``from_pretrained``: its own key renames, with or
+        without the task model's prefix); the tensors are then copied in, the patch embedding
         adapted to ``in_chans``.
 
         Raises:
             ValueError: one line naming the source and the tensors at fault.
         """
-        from ..weights import read_weights
+        from ..weights import resolve_model_dir
 
-        path, state = read_weights(source)
+        directory = resolve_model_dir(source)
+        try:
+            released, info = type(self.model).from_pretrained(
+                str(directory), out_indices=list(self.model.config.out_indices), output_loading_info=True
+            )
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"{source}: transformers cannot read it as a {self.model_type} backbone: {err}"
+            ) from err
+        not_in_file = set(info.get("missing_keys", ()))
         own = self.model.state_dict()
-        prefix = f"{self.model_type}."
         mapped: dict[str, Tensor] = {}
-        unexpected: list[str] = []
         skipped: list[str] = []
-        for key, tensor in state.items():
-            name = key[len(prefix) :] if key.startswith(prefix) else key
-            if name not in own:
-                unexpected.append(key)
+        for key, tensor in released.state_dict().items():
+            if key not in own or key in not_in_file:
                 continue
-            want = own[name].shape
+            want = own[key].shape
             if tensor.ndim == 4 and tensor.shape[1] != want[1] and tensor.shape[0] == want[0]:
                 tensor = adapt_input_conv(want[1], tensor)
             if tuple(tensor.shape) != tuple(want):
                 if strict:
                     raise ValueError(
-                        f"{path}: tensor {key} has shape {tuple(tensor.shape)} but transformers/"
+                        f"{source}: tensor {key} has shape {tuple(tensor.shape)} but transformers/"
                         f"{self.model_type} expects {tuple(want)}; set model.init_strict=false to skip it"
                     )
                 skipped.append(f"{key} {tuple(tensor.shape)}->{tuple(want)}")
                 continue
-            mapped[name] = tensor
+            mapped[key] = tensor
         missing = [k for k in own if k not in mapped]
-        if not mapped or (missing and strict):
+        if not mapped:
             raise ValueError(
-                f"{path} lacks {len(missing)} of the {len(own)} tensors of transformers/{self.model_type}, e.g. "
-                f"{missing[:4]}; is it a checkpoint of another architecture? (model.init_strict=false loads the rest)"
+                f"{source}: no tensor fits transformers/{self.model_type}; is it another architecture?"
             )
         self.model.load_state_dict(mapped, strict=False)
+        unexpected = list(info.get("unexpected_keys", ()))
         return LoadResult(
-            str(path), [f"model.{k}" for k in mapped], [f"model.{k}" for k in missing], unexpected, skipped
+            str(directory),
+            [f"model.{k}" for k in mapped],
+            [f"model.{k}" for k in missing],
+            unexpected,
+            skipped,
         )
 
 
