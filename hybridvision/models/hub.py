@@ -36,6 +36,7 @@ __all__ = [
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
 FORMAT_KEY = "hybridvision"
 
 
@@ -64,7 +65,68 @@ def save_pretrained(
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         with open(tmp / CONFIG_NAME, "w") as fh:
             json.dump(config, fh, indent=2, default=str)
+        (tmp / CARD_NAME).write_text(model_card(model, kind, extra or {}))
     return Path(directory)
+
+
+def model_card(model: nn.Module, kind: str, extra: dict[str, Any]) -> str:
+    """The ``README.md`` of a saved model: what it is, what it was trained on, metrics, usage.
+
+    Hugging Face's hub shows it as the model page (the YAML header gives library and tags); the
+    full run config stays in ``config.json`` under ``extra.run_config``.
+    """
+    build = model.build_kwargs
+    name = build["name"]
+    params = sum(p.numel() for p in model.parameters())
+    run = extra.get("run_config") or {}
+    data, train = run.get("data") or {}, run.get("train") or {}
+    stage = extra.get("stage", "")
+    tags = ", ".join(["hybridvision", "image-segmentation"] + ([stage] if stage else []))
+    lines = [
+        "---",
+        "library_name: hybridvision",
+        f"tags: [{tags}]",
+        "---",
+        "",
+        f"# {name} ({kind})",
+        "",
+    ]
+    what = f"A hybridvision {kind} `{name}`"
+    if kind == "segmenter":
+        encoder = model.encoder.build_kwargs.get("name", name)
+        what += f" (encoder `{encoder}`, {build.get('num_classes')} output channels)"
+    lines.append(f"{what}: {params / 1e6:.2f} M parameters, {build.get('in_chans', 3)} input channels.")
+    if stage:
+        trained = f"Written by the `{stage}` stage"
+        if extra.get("objective"):
+            trained += f" (objective `{extra['objective']}`)"
+        if data:
+            trained += f" on `{data.get('source', '?')}` (split `{data.get('split', '?')}`, crop {data.get('image_size')})"
+        if train.get("max_steps"):
+            trained += f", {train['max_steps']} steps of batch {train.get('batch_size')}"
+        init = extra.get("init") or (run.get("model") or {}).get("init")
+        trained += f", starting from `{init}`." if init else ", starting from random weights."
+        lines += ["", trained]
+    metrics = extra.get("metrics") or {}
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if scalars:
+        lines += ["", "| metric | value |", "|---|---:|"] + [f"| {k} | {v:.4f} |" for k, v in scalars.items()]
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from hybridvision.models import from_pretrained",
+        'model = from_pretrained("<this folder or owner/name on the Hugging Face hub>")',
+        "```",
+        "",
+        "Fine-tune or distil from it with `model.init=<folder or owner/name>` (`finetune/run.py`,",
+        "`pretrain/run.py`) or `teacher=` (`distill/run.py`). Upload this folder with",
+        "`hf upload <owner>/<name> <folder>`. The resolved run config is in `config.json`",
+        "(`extra.run_config`).",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def read_model_config(path_or_id: str | os.PathLike) -> dict[str, Any]:
