@@ -336,7 +336,7 @@ class SegmentationFolderDataset(Dataset):
         if mask_size != tuple(image_size):
             raise ValueError(
                 f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {image_path} "
-                f"is {image_size[0]}x{image_size[1]}"
+                f"is {image_size[0]}x{image_size[1]}" + _orientation_hint(image_path, mask_size, image_size)
             )
 
     def __len__(self) -> int:
@@ -362,6 +362,28 @@ class SegmentationFolderDataset(Dataset):
             sample = {"image": image, "mask": mask, "id": self.ids[i]}
             return apply_transform(sample, self.transform)
         raise ValueError(f"no readable image/mask pair left in {self.root / 'images' / self.split}")
+
+
+def _orientation_hint(image_path: Path, mask_size: tuple[int, int], image_size: tuple[int, int]) -> str:
+    """Why a mask may have its image's size turned by 90 degrees: the image's EXIF orientation."""
+    from PIL import Image
+
+    from hybridvision.deploy.runtime import image_orientation
+
+    if mask_size != (image_size[1], image_size[0]):
+        return ""
+    try:
+        with Image.open(image_path) as img:
+            orientation = image_orientation(img)
+    except READ_ERRORS:
+        return ""
+    if orientation < 5:
+        return ""
+    return (
+        f" as displayed: its EXIF orientation tag ({orientation}) turns the stored pixels by 90 "
+        "degrees, and the mask matches the stored ones; turn the mask the same way (or save the "
+        "image upright without the tag)"
+    )
 
 
 class _BadFile(Exception):

@@ -203,7 +203,7 @@ def mask_array(mask: Image.Image | np.ndarray, name: str) -> np.ndarray:
                 f"mask {name} has shape {array.shape} and dtype {array.dtype}; "
                 "expected a single-channel integer class-index mask (H, W)"
             )
-    return np.ascontiguousarray(array, dtype=np.int64)
+    return np.array(array, dtype=np.int64, order="C")  # a writable copy (torch.from_numpy)
 
 
 def image_orientation(img: Image.Image) -> int:

@@ -192,7 +192,7 @@ def test_exif_orientation_is_applied_as_pil_displays_it(tmp_path, orientation, s
     path = tmp_path / f"o{orientation}{suffix}"
     img.save(path, exif=exif.tobytes())
     with Image.open(path) as opened:
-        shown = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+        shown = np.array(ImageOps.exif_transpose(opened).convert("RGB"))
     expected = torch.from_numpy(shown).permute(2, 0, 1).float() / 255
     assert read_image(path, 3).shape == ((3, 5, 7) if orientation < 5 else (3, 7, 5))
     torch.testing.assert_close(read_image(path, 3), expected, rtol=0, atol=0)

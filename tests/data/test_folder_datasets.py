@@ -243,3 +243,15 @@ def test_phone_photos_train_and_evaluate_upright_against_their_masks(tmp_path, o
         assert sample["image"].shape == (3, 24, 40) and sample["mask"].shape == (24, 40)
         assert torch.equal((sample["image"][0] > 0.5).long(), sample["mask"])
         assert sample["mask"].tolist() == upright.tolist()
+
+
+def test_a_mask_in_the_stored_orientation_is_an_error_that_says_why(tmp_path):
+    """A mask made by a tool that ignored the photo's EXIF tag matches the stored pixels, not the
+    displayed picture: the size error names the orientation tag instead of silently training."""
+    upright = np.zeros((24, 40, 3), dtype=np.uint8)
+    save_with_orientation(tmp_path / "images" / "train" / "photo.jpg", upright, 6)
+    save(tmp_path / "masks" / "train" / "photo.png", np.zeros((40, 24), dtype=np.uint8))  # stored size
+    with pytest.raises(
+        ValueError, match=r"is 24x40 \(WxH\) .* is 40x24 as displayed: its EXIF orientation tag \(6\)"
+    ):
+        SegmentationFolderDataset(tmp_path, "train", num_classes=2)
