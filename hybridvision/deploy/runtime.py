@@ -125,7 +125,8 @@ def read_image(path: ImageSource, in_chans: int = 3, name: str | None = None) ->
 
     Raises:
         OSError: Unreadable, truncated or missing file.
-        ValueError: Channel count that cannot be converted to ``in_chans``.
+        ValueError: Channel count that cannot be converted to ``in_chans``; a TIFF whose
+            orientation swaps H and W read without ``tifffile`` (PIL misreads those).
     """
     name = name or _source_name(path)
     if not isinstance(path, bytes) and Path(path).suffix.lower() in (".tif", ".tiff") and _has_tifffile():
