@@ -152,6 +152,7 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
             decoder=cfg.model.decoder or None,
             decoder_kwargs=cfg.model.decoder_kwargs or None,
             overrides=cfg.model.overrides,
+            input_size=tuple(d.image_size),
         )
         if engine.resume_checkpoint is None:  # else the weights come from the checkpoint
             engine.print(report.summary())
