@@ -159,10 +159,10 @@ def agreement(config: str, teacher_dir: str, students: list[str], max_images: in
 
     from distill.config import DistillConfig
     from distill.models import load_teacher, resolve_data
-    from finetune.run import build_data
     from hybridvision.config import load_config
     from hybridvision.inference import Predictor
     from hybridvision.models import from_pretrained
+    from hybridvision.segmentation.data import build_data
 
     cfg = load_config(DistillConfig, config, [f"teacher={teacher_dir}"])
     teacher = load_teacher(teacher_dir)

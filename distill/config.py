@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from finetune.config import AugmentConfig, EvalConfig, LossConfig
 from hybridvision.config import ConfigError, DataConfig, OptimConfig, TrainConfig
+from hybridvision.segmentation.config import AugmentConfig, EvalConfig, LossConfig
 
 #: where ``teacher`` points by default: the output of ``python finetune/run.py``
 DEFAULT_TEACHER = "runs/finetune/model"

@@ -53,22 +53,6 @@ def default_model_name(init: str) -> str:
     return FALLBACK_MODEL if encoder == segmenter_spec(FALLBACK_MODEL).encoder else ""
 
 
-def model_summary(model: nn.Module) -> str:
-    """One log line: the model's registered name, its encoder and decoder, and its parameter count."""
-    from hybridvision.models import list_models
-    from hybridvision.models.factory import DEFAULT_DECODER
-    from hybridvision.models.registry import segmenter_spec
-
-    params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters"
-    build = getattr(model, "build_kwargs", None) or {}
-    if "name" not in build:  # a module built elsewhere (benchmarks/peers_seg.py)
-        return f"model {type(model).__name__}: {params}"
-    name = build["name"]
-    preset_decoder = segmenter_spec(name).decoder if name in list_models("segmenter") else DEFAULT_DECODER
-    encoder = model.encoder.build_kwargs["name"]
-    return f"model {name} (encoder {encoder}, decoder {build.get('decoder') or preset_decoder}): {params}"
-
-
 def scheduled_size(cfg: FinetuneConfig, step: int) -> int | None:
     """Side length of the progressive-resizing schedule at ``step`` (None: no schedule)."""
     side = None
@@ -76,45 +60,6 @@ def scheduled_size(cfg: FinetuneConfig, step: int) -> int | None:
         if step >= start:
             side = value
     return side
-
-
-def build_data(cfg: FinetuneConfig) -> tuple:
-    """(training transform, training set, validation set or None) from the ``data``/``augment`` sections.
-
-    Shared with ``distill/run.py``, so teacher and student data pipelines cannot drift apart.
-    ``data.resize=auto`` is resolved here (in place) if the caller has not done so.
-    """
-    from hybridvision.data.from_config import build_labelled_datasets, resolve_resize
-    from hybridvision.data.transforms import build_seg_transforms
-
-    d = cfg.data
-    aug = cfg.augment
-    resolve_resize(d)
-    train_tf = build_seg_transforms(
-        True,
-        d.image_size,
-        in_chans=d.in_chans,
-        scale=aug.scale,
-        hflip=aug.hflip,
-        vflip=aug.vflip,
-        rot90=aug.rot90,
-        color_jitter=aug.color_jitter,
-        elastic=aug.elastic,
-        normalize=d.normalization,
-        window=d.window,
-        ignore_index=d.ignore_index,
-        resize=d.resize_scale,
-    )
-    eval_tf = build_seg_transforms(
-        False,
-        None,
-        in_chans=d.in_chans,
-        normalize=d.normalization,
-        window=d.window,
-        ignore_index=d.ignore_index,
-    )
-    train_set, val_set = build_labelled_datasets(d, train_tf, eval_tf, seed=cfg.train.seed)
-    return train_tf, train_set, val_set
 
 
 def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
@@ -129,12 +74,14 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from finetune.evaluate import evaluate_segmenter
     from hybridvision.data.loader import collate_mixed_sizes
     from hybridvision.engine import Engine, StepOutput
     from hybridvision.losses import build_segmentation_loss
     from hybridvision.models import save_pretrained
+    from hybridvision.models.profile import model_summary
     from hybridvision.models.transfer import build_segmenter
+    from hybridvision.segmentation.data import build_data
+    from hybridvision.segmentation.evaluate import evaluate_segmenter
 
     engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="finetune")
     acc = engine.accelerator

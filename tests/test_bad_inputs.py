@@ -53,10 +53,10 @@ def test_evaluation_of_mixed_sizes_matches_per_image_reference():
     from torch.utils.data import DataLoader
 
     from finetune.config import FinetuneConfig
-    from finetune.evaluate import evaluate_segmenter
     from hybridvision.data.loader import collate_mixed_sizes
     from hybridvision.metrics import ConfusionMatrix
     from hybridvision.models import create_segmenter
+    from hybridvision.segmentation.evaluate import evaluate_segmenter
 
     torch.manual_seed(0)
     model = create_segmenter("hybrid_nano", num_classes=3, in_chans=3).eval()

@@ -28,7 +28,7 @@ def test_pretrain_config_builds_and_steps(path: Path):
     if cfg.objective.mask_patch_size > 32:
         pytest.fail(f"{path}: mask patch {cfg.objective.mask_patch_size} does not tile small inputs")
     torch.manual_seed(0)
-    model = build_pretrain_model(cfg)
+    model, _ = build_pretrain_model(cfg)
     c = cfg.data.in_chans
     batch = {
         "view0": torch.randn(2, c, 64, 64),

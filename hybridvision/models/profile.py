@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["count_params", "count_gmacs"]
+__all__ = ["count_params", "count_gmacs", "model_summary"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -30,3 +30,18 @@ def count_gmacs(model: nn.Module, in_chans: int, size: tuple[int, int]) -> float
     finally:
         model.train(was_training)
     return counter.get_total_flops() / 2e9
+
+
+def model_summary(model: nn.Module) -> str:
+    """One log line: the model's registered name, its encoder and decoder, and its parameter count."""
+    from .factory import DEFAULT_DECODER
+    from .registry import list_segmenters, segmenter_spec
+
+    params = f"{count_params(model) / 1e6:.3f} M parameters"
+    build = getattr(model, "build_kwargs", None) or {}
+    if "name" not in build:  # a module built elsewhere (benchmarks/peers_seg.py)
+        return f"model {type(model).__name__}: {params}"
+    name = build["name"]
+    preset_decoder = segmenter_spec(name).decoder if name in list_segmenters() else DEFAULT_DECODER
+    encoder = model.encoder.build_kwargs["name"]
+    return f"model {name} (encoder {encoder}, decoder {build.get('decoder') or preset_decoder}): {params}"

@@ -212,9 +212,9 @@ def test_streaming_is_refused_for_labelled_data_not_ignored(tmp_path):
     """data.streaming=true used to be dropped silently for labelled data (fine-tuning then read the
     whole set map-style); labelled data is map-style, so the setting is an error naming itself."""
     from finetune.config import FinetuneConfig
-    from finetune.run import build_data
     from hybridvision.config import ConfigError, DataConfig
     from hybridvision.data.from_config import build_labelled_datasets
+    from hybridvision.segmentation.data import build_data
 
     path = save_to_disk(tmp_path / "saved", make_rows(4), dict_splits=True)
     common = dict(source=str(path), image_column="pixels", val_split="validation", num_classes=3)

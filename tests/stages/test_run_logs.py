@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from finetune import predict as predict_cli
-from finetune.run import model_summary
 from hybridvision.models import create_segmenter, save_pretrained
+from hybridvision.models.profile import model_summary
 
 
 def _params(model: nn.Module) -> str:
