@@ -160,13 +160,14 @@ def agreement(config: str, teacher_dir: str, students: list[str], max_images: in
     from distill.config import DistillConfig
     from distill.models import load_teacher, resolve_data
     from hybridvision.config import load_config
+    from hybridvision.data.from_config import resolve_resize
     from hybridvision.inference import Predictor
     from hybridvision.models import from_pretrained
     from hybridvision.segmentation.data import build_data
 
     cfg = load_config(DistillConfig, config, [f"teacher={teacher_dir}"])
     teacher = load_teacher(teacher_dir)
-    cfg = dataclasses.replace(cfg, data=resolve_data(cfg, teacher))
+    cfg = dataclasses.replace(cfg, data=resolve_resize(resolve_data(cfg, teacher))[0])
     _, _, val_set = build_data(cfg)
     models = {"teacher": teacher} | {s: from_pretrained(s).eval() for s in students}
     window = tuple(cfg.eval.window) if cfg.eval.mode == "slide" else None

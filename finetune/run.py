@@ -8,6 +8,7 @@ Writes ``<train.output_dir>/model/`` (``from_pretrained``-loadable) and ``metric
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from hybridvision.data.from_config import resolve_resize
     from hybridvision.data.loader import collate_mixed_sizes
     from hybridvision.engine import Engine, StepOutput
     from hybridvision.losses import build_segmentation_loss
@@ -83,6 +85,8 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
     from hybridvision.segmentation.data import build_data
     from hybridvision.segmentation.evaluate import evaluate_segmenter
 
+    data, resize_line = resolve_resize(cfg.data)  # the one resolution of data.resize=auto
+    cfg = dataclasses.replace(cfg, data=data)
     engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="finetune")
     acc = engine.accelerator
     d = cfg.data
@@ -105,9 +109,7 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
             engine.print(report.summary())
     engine.print(model_summary(model))
 
-    from hybridvision.data.from_config import resolve_resize
-
-    engine.print(resolve_resize(d))
+    engine.print(resize_line)
     train_tf, train_set, val_set = build_data(cfg)
     criterion = build_segmentation_loss(
         d.num_classes,

@@ -12,6 +12,7 @@ decoder (all but its output layer, which reconstructed pixels).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -144,14 +145,18 @@ def export_encoder(cfg: PretrainConfig):
 def main(cfg: PretrainConfig) -> None:
     # DDP's find_unused_parameters is decided by the engine from the built model (one dry step): NT-Xent
     # reads only the last stage, a pixel-shuffle MIM decoder skips some stage norms
+    lr_line = ""
+    if cfg.objective.lr_scaling != "none":  # resolved once, before anything reads optim.lr
+        from accelerate import PartialState
+
+        global_batch = cfg.train.batch_size * cfg.train.grad_accum_steps * PartialState().num_processes
+        lr = scaled_lr(cfg.optim.lr, global_batch, cfg.objective.lr_scaling)
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr))
+        lr_line = f"optim.lr scaled ({cfg.objective.lr_scaling}, global batch {global_batch}) to {lr:.3g}"
     engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="pretrain")
     acc = engine.accelerator
-    if cfg.objective.lr_scaling != "none":
-        global_batch = cfg.train.batch_size * cfg.train.grad_accum_steps * acc.num_processes
-        cfg.optim.lr = scaled_lr(cfg.optim.lr, global_batch, cfg.objective.lr_scaling)
-        engine.print(
-            f"optim.lr scaled ({cfg.objective.lr_scaling}, global batch {global_batch}) to {cfg.optim.lr:.3g}"
-        )
+    if lr_line:
+        engine.print(lr_line)
     model, report = build_model(cfg)
     if engine.resume_checkpoint is None:  # else the weights come from the checkpoint
         engine.print(report.summary())

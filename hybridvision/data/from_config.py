@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable
 from pathlib import Path
@@ -332,26 +333,27 @@ def auto_resize(sizes: list[tuple[int, int]] | None, crop: tuple[int, int]) -> l
     return [min(crop), 4 * max(crop)]
 
 
-def resolve_resize(cfg: DataConfig) -> str:
-    """Replace ``data.resize=auto`` by the scale it stands for (in place); returns a log line.
+def resolve_resize(cfg: DataConfig) -> tuple[DataConfig, str]:
+    """``cfg`` with ``data.resize=auto`` replaced by the scale it stands for, and a log line.
 
-    The resolved value is what the run config, the exported model and ``predict.py`` record, so
-    evaluation and prediction use the training scale.
+    The one place ``auto`` is resolved: each stage calls it where it starts, before anything reads
+    ``data.resize``; ``cfg`` itself is not changed. The resolved value is what the run config, the
+    exported model and ``predict.py`` record, so evaluation and prediction use the training scale.
     """
     if cfg.resize != "auto":
-        return f"data.resize={cfg.resize}"
+        return cfg, f"data.resize={cfg.resize}"
     sizes = image_sizes(cfg)
     scale = auto_resize(sizes, tuple(cfg.image_size))
-    cfg.resize = scale if scale is not None else "native"
+    resolved = dataclasses.replace(cfg, resize=scale if scale is not None else "native")
     if sizes is None:
-        return "data.resize=auto -> native (image sizes are not known up front)"
+        return resolved, "data.resize=auto -> native (image sizes are not known up front)"
     if cfg.source == "synthetic":
-        return "data.resize=auto -> native (every synthetic image has data.image_size)"
+        return resolved, "data.resize=auto -> native (every synthetic image has data.image_size)"
     shorts, longs = [min(s) for s in sizes], [max(s) for s in sizes]
     seen = f"short sides {min(shorts)}-{max(shorts)} px, long sides {min(longs)}-{max(longs)} px over {len(sizes)} images"
     if scale is None:
-        return f"data.resize=auto -> native ({seen}: one scale)"
-    return (
+        return resolved, f"data.resize=auto -> native ({seen}: one scale)"
+    return resolved, (
         f"data.resize=auto -> {scale} ({seen}): each image's short side becomes the crop's "
         f"{scale[0]} px (long side at most {scale[1]}); set data.resize=native to train at native sizes"
     )

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 from torch.utils.data import Dataset
 
 from ..config import DataConfig
-from ..data.from_config import build_labelled_datasets, resolve_resize
+from ..data.from_config import build_labelled_datasets
 from ..data.transforms import build_seg_transforms
 from .config import AugmentConfig
 
@@ -26,11 +26,10 @@ def build_data(cfg: Any) -> SegmentationData:
     """Datasets from a stage config's ``data``, ``augment`` and ``train.seed``.
 
     Fine-tuning and distillation both call it, so teacher and student data pipelines cannot drift
-    apart. ``data.resize`` must already be resolved (the stage does it where it starts).
+    apart. ``data.resize`` must already be resolved (``resolve_resize``, where the stage starts).
     """
     d: DataConfig = cfg.data
     aug: AugmentConfig = cfg.augment
-    resolve_resize(d)  # a no-op for a resolved config: kept for callers outside the stages
     train_tf = build_seg_transforms(
         True,
         d.image_size,

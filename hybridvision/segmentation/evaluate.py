@@ -61,13 +61,12 @@ def evaluate_segmenter(
     Returns:
         (metrics dict with ``class_names`` and per-class lists, grid (3, H, W) or None).
     """
-    from hybridvision.data.from_config import class_names, resolve_resize
+    from hybridvision.data.from_config import class_names
     from hybridvision.data.loader import iter_size_groups
     from hybridvision.metrics import ConfusionMatrix, per_sample_confusion
     from hybridvision.visualize import colorize, image_grid, to_display
 
     d = cfg.data
-    resolve_resize(d)  # a no-op after the stage resolved data.resize=auto
     was_training = model.training
     model.eval()
     predictor = build_predictor(model, cfg.eval, d.num_classes, d.resize_scale)

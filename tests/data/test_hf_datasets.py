@@ -178,8 +178,7 @@ def test_auto_resize_reads_the_image_sizes_of_a_saved_dataset(tmp_path):
     path = save_to_disk(tmp_path / "saved", rows)
     cfg = DataConfig(source=str(path), image_column="pixels", image_size=(16, 16))
     assert sorted(image_sizes(cfg)) == [(20, 30), (20, 30), (200, 150)]
-    resolve_resize(cfg)
-    assert cfg.resize == [16, 64]
+    assert resolve_resize(cfg)[0].resize == [16, 64]
 
 
 @pytest.mark.parametrize("streaming", [False, True])

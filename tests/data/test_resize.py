@@ -201,17 +201,17 @@ def test_image_sizes_reads_headers_skips_broken_files_and_held_out_ids(tmp_path)
     assert sorted(image_sizes(cfg)) == [(40, 60), (200, 100)]
 
 
-def test_resolve_resize_in_place_with_a_log_line(tmp_path):
+def test_resolve_resize_returns_a_resolved_copy_with_a_log_line(tmp_path):
     root = _folder(tmp_path / "d", [(40, 60), (200, 300)])
     cfg = DataConfig(source=str(root), image_size=(32, 32))
-    line = resolve_resize(cfg)
-    assert cfg.resize == [32, 128] and "short sides 40-200" in line and "native" in line
-    same = DataConfig(source=str(_folder(tmp_path / "e", [(50, 50), (50, 50)])))
-    assert "one scale" in resolve_resize(same) and same.resize == "native" and same.resize_scale is None
+    resolved, line = resolve_resize(cfg)
+    assert resolved.resize == [32, 128] and "short sides 40-200" in line and "native" in line
+    assert cfg.resize == "auto"  # the given config is never changed
+    same, line = resolve_resize(DataConfig(source=str(_folder(tmp_path / "e", [(50, 50), (50, 50)]))))
+    assert "one scale" in line and same.resize == "native" and same.resize_scale is None
     fixed = DataConfig(source=str(root), resize=[64, 0])
-    assert resolve_resize(fixed) == "data.resize=[64, 0]" and fixed.resize_scale == [64, 0]
-    synthetic = DataConfig()
-    resolve_resize(synthetic)
+    assert resolve_resize(fixed) == (fixed, "data.resize=[64, 0]") and fixed.resize_scale == [64, 0]
+    synthetic, _ = resolve_resize(DataConfig())
     assert synthetic.resize == "native"
 
 
