@@ -12,6 +12,7 @@ from distill.config import FROM_TEACHER, DistillConfig, DistillDataConfig
 from distill.losses import FeatureDistiller
 from hybridvision.config import ConfigError
 from hybridvision.models import Segmenter, from_pretrained
+from hybridvision.models.hub import read_run_config
 from hybridvision.models.profile import count_gmacs, count_params  # re-exported for the stage
 
 __all__ = [
@@ -66,7 +67,7 @@ def teacher_data(teacher: Segmenter) -> dict[str, Any]:
         "resize": None,  # the teacher's resolved data.resize ([short, max_long] or "native"), if known
     }
     if "hybridvision" in config:  # ours: the fine-tuning run config is stored with the weights
-        data = config.get("extra", {}).get("run_config", {}).get("data", {})
+        data = read_run_config(config, "data")
         for key in ("class_names", "normalize", "mean", "std", "window"):
             if data.get(key) is not None:
                 info[key] = data[key]

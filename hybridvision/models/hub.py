@@ -29,6 +29,7 @@ __all__ = [
     "from_pretrained",
     "read_model_config",
     "external_encoder_name",
+    "read_run_config",
     "load_state_dict_file",
     "WEIGHTS_NAME",
     "CONFIG_NAME",
@@ -141,6 +142,22 @@ def read_model_config(path_or_id: str | os.PathLike) -> dict[str, Any]:
         return json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
+
+
+def read_run_config(model: nn.Module | dict[str, Any], section: str | None = None) -> dict[str, Any]:
+    """The run config a saved model was trained with (``extra.run_config``), or one of its sections.
+
+    The one reader of recorded configs: ``predict.py``, the exporter and distillation's teacher
+    all read the training scale, normalisation and classes through it. Models with no recorded
+    run (transformers SegFormer, released backbones) give ``{}``.
+
+    Args:
+        model: a model returned by :func:`from_pretrained` (or its ``config.json`` as a dict).
+        section: ``"data"``, ``"train"``, ... (None: the whole run config).
+    """
+    config = model if isinstance(model, dict) else (getattr(model, "pretrained_config", None) or {})
+    run = (config.get("extra") or {}).get("run_config") or {}
+    return dict(run.get(section) or {}) if section else dict(run)
 
 
 def external_encoder_name(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
