@@ -38,6 +38,7 @@ sys.path.insert(0, str(_ROOT))
 
 import torch  # noqa: E402
 
+from distill.config import KDConfig  # noqa: E402
 from distill.losses import DistillCriterion, FeatureDistiller, match_stages  # noqa: E402
 from distill.models import DistillStudent, count_gmacs, forward_with_features  # noqa: E402
 from hybridvision.losses import build_segmentation_loss  # noqa: E402
@@ -63,13 +64,8 @@ def _loops(args, device):
             pairs = match_stages(student.encoder.reductions, teacher.encoder.reductions, [-1, -2])
             features = FeatureDistiller(student.encoder.out_channels, teacher.encoder.out_channels, pairs)
         model = DistillStudent(student, features).to(device).train()
-        crit = DistillCriterion(
-            task,
-            0.7 if weights else 1.0,
-            weights,
-            255,
-            feature_loss=features.loss if features is not None else None,
-        )
+        kd = KDConfig(task_weight=0.7 if weights else 1.0, weights=dict(weights))
+        crit = DistillCriterion(task, kd, 255, feature_loss=features.loss if features is not None else None)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         use_teacher = bool(weights)
 

@@ -27,12 +27,15 @@ Distributed training (DDP), and what 2 processes x B equals:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from distill.config import KDConfig
 
 __all__ = [
     "as_two_class",
@@ -395,11 +398,9 @@ class DistillCriterion(nn.Module):
     Args:
         task: the fine-tuning loss (``CombinedLoss``: logits, target -> ``LossOutput``), applied to
             labelled pixels only (unlabelled samples carry ``ignore_index`` everywhere).
-        task_weight: its weight.
-        weights: ``{"kd" | "cwd" | "dist" | "feature": weight}``.
+        kd: the ``kd`` config section (:class:`distill.config.KDConfig`): task weight, term
+            weights, temperature, CWD's τ, DIST's τ / β / γ / τ², the grid logits are compared on.
         ignore_index: label value excluded from the task loss and from the distillation terms.
-        temperature, cwd_tau, dist_tau, dist_beta, dist_gamma, dist_tau_squared: term settings.
-        resize_to: ``"label"`` (the mask's grid), ``"student"`` or ``"teacher"``.
         feature_loss: ``(student_adapted, teacher_feats) -> Tensor`` when ``feature`` is active,
             normally :meth:`FeatureDistiller.loss` of the distiller that lives in the student wrapper
             (its adapters train with the student; the criterion holds no parameters).
@@ -410,30 +411,23 @@ class DistillCriterion(nn.Module):
     def __init__(
         self,
         task: nn.Module,
-        task_weight: float,
-        weights: dict[str, float],
+        kd: KDConfig,
         ignore_index: int = 255,
-        temperature: float = 3.0,
-        cwd_tau: float = 4.0,
-        dist_tau: float = 1.0,
-        dist_beta: float = 1.0,
-        dist_gamma: float = 1.0,
-        dist_tau_squared: bool = True,
-        resize_to: str = "label",
         feature_loss: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor] | None = None,
         gather_distributed: bool = True,
     ) -> None:
         super().__init__()
+        weights = kd.active()
         if weights.get("feature", 0) > 0 and feature_loss is None:
             raise ValueError("the feature term needs a feature_loss (FeatureDistiller.loss)")
         self.task = task
-        self.task_weight = float(task_weight)
-        self.weights = {k: float(w) for k, w in weights.items() if w > 0}
+        self.task_weight = float(kd.task_weight)
+        self.weights = weights
         self.ignore_index = ignore_index
-        self.temperature, self.cwd_tau = temperature, cwd_tau
-        self.dist_tau, self.dist_beta, self.dist_gamma = dist_tau, dist_beta, dist_gamma
-        self.dist_tau_squared = dist_tau_squared
-        self.resize_to = resize_to
+        self.temperature, self.cwd_tau = kd.temperature, kd.cwd_tau
+        self.dist_tau, self.dist_beta, self.dist_gamma = kd.dist_tau, kd.dist_beta, kd.dist_gamma
+        self.dist_tau_squared = kd.dist_tau_squared
+        self.resize_to = kd.resize_to
         self.feature_loss = feature_loss
         self.gather_distributed = gather_distributed
 

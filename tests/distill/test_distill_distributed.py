@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distill.config import KDConfig
 from distill.losses import DistillCriterion, FeatureDistiller, dist_loss, match_stages
 from distill.models import DistillStudent, forward_with_features
 from hybridvision.losses import build_segmentation_loss
@@ -34,14 +35,8 @@ def _build(task_weight: float):
     pairs = match_stages(student.encoder.reductions, teacher.encoder.reductions, [-1, -2])
     features = FeatureDistiller(student.encoder.out_channels, teacher.encoder.out_channels, pairs)
     model = DistillStudent(student, features)
-    crit = DistillCriterion(
-        build_segmentation_loss(K, 255, {"ce": 1.0}),
-        task_weight,
-        WEIGHTS,
-        255,
-        dist_gamma=0.0,
-        feature_loss=features.loss,
-    )
+    kd = KDConfig(task_weight=task_weight, weights=dict(WEIGHTS), dist_gamma=0.0)
+    crit = DistillCriterion(build_segmentation_loss(K, 255, {"ce": 1.0}), kd, 255, feature_loss=features.loss)
     return teacher, model, crit
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distill.config import KDConfig
 from distill.losses import (
     DistillCriterion,
     FeatureDistiller,
@@ -230,7 +231,8 @@ def test_feature_distiller_heterogeneous_strides_and_channels():
 def test_criterion_total_is_weighted_sum_and_unlabelled_rows_skip_task():
     torch.manual_seed(0)
     task = build_segmentation_loss(3, 255, {"ce": 1.0})
-    crit = DistillCriterion(task, 0.7, {"kd": 0.3, "cwd": 0.2, "dist": 0.1}, 255, temperature=3.0)
+    kd = KDConfig(task_weight=0.7, weights={"kd": 0.3, "cwd": 0.2, "dist": 0.1}, temperature=3.0)
+    crit = DistillCriterion(task, kd, 255)
     s, t = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     target = torch.randint(0, 3, (2, 8, 8))
     target[0, :2] = 255
