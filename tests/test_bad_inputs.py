@@ -74,6 +74,7 @@ def test_evaluation_of_mixed_sizes_matches_per_image_reference():
         s["mask"][s["mask"] == 3] = 255
     cfg = FinetuneConfig()
     cfg.data.num_classes, cfg.eval.batch_size, cfg.eval.grid_images = 3, 4, 2
+    cfg.data.resize = "native"  # resolved where the stage starts
     acc = Accelerator(cpu=True)
     loader = acc.prepare_data_loader(DataLoader(samples, batch_size=4, collate_fn=collate_mixed_sizes))
     metrics, grid = evaluate_segmenter(model, loader, cfg, acc)
