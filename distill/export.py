@@ -9,8 +9,11 @@ The ONNX graph has dynamic batch, height and width, is checked with ``onnx.check
 PyTorch at a size that is not a multiple of the size divisor, and records class names, input
 normalisation, channels, size divisor and training crop; ``finetune/predict.py --model X.onnx``
 (or ``python -m hybridvision.deploy.runtime``) runs it without PyTorch. ``--int8`` adds
-``<output>.int8.onnx`` (QDQ, per-channel weights) calibrated on N images of ``--calibration``,
-normalised as the model expects, and prints how often it agrees with fp32 on them.
+``<output>.int8.onnx`` (logits and classifier in float; see ``hybridvision.export.quantize_int8``),
+calibrated on the first N images of ``--calibration`` as the runtime predictor feeds them to the
+model (normalised, at the recorded ``data.resize`` scale, in ``--mode``/``--window`` windows), and
+prints how often it agrees with fp32 on held-out images predicted the same way (``--eval-images``,
+default: the ``--calibration`` images after the first N).
 
 Exit status 2 with a one-line message for user errors (``HYBRIDVISION_DEBUG=1``: traceback).
 """
@@ -25,13 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybridvision.deploy.runtime import (  # noqa: E402
-    OnnxSegmenter,
     UserError,
-    labels_from_scores,
-    normalization_spec,
-    normalize_image,
-    predict_whole,
+    check_predict_options,
     read_image,
+    read_metadata,
     resolve_inputs,
 )
 
@@ -42,9 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="output .onnx file")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; TransUNet needs 18)")
     p.add_argument("--train-crop", type=int, nargs=2, default=None, help="H W (default: data.image_size)")
-    p.add_argument("--int8", action="store_true", help="also write <output>.int8.onnx (static quantization)")
+    p.add_argument("--int8", action="store_true", help="also write <output>.int8.onnx (int8 quantization)")
     p.add_argument("--calibration", default=None, help="image file or folder for int8 calibration")
     p.add_argument("--calibration-count", type=int, default=32, help="calibration images used (N)")
+    p.add_argument(
+        "--mode",
+        choices=["slide", "whole"],
+        default="slide",
+        help="how the deployed model predicts (the runtime's --mode): int8 is calibrated and checked so",
+    )
+    p.add_argument("--window", type=int, nargs=2, default=None, help="window H W (default: training crop)")
+    p.add_argument(
+        "--eval-images",
+        default=None,
+        help="held-out images for the int8/fp32 agreement (default: --calibration's images after the first N)",
+    )
     return p.parse_args(argv)
 
 
@@ -61,9 +73,12 @@ def export_from_dir(
     int8: bool = False,
     calibration: str | None = None,
     calibration_count: int = 32,
+    mode: str = "slide",
+    window: tuple[int, int] | None = None,
+    eval_images: str | None = None,
 ) -> dict:
     """Export (and quantize); returns a summary dict. Raises :class:`UserError` for user errors."""
-    from hybridvision.export import ExportError, export_onnx, quantize_int8
+    from hybridvision.export import ExportError, deployment_inputs, export_onnx, int8_agreement, quantize_int8
     from hybridvision.models import Segmenter, from_pretrained
 
     if output.suffix.lower() != ".onnx":
@@ -72,6 +87,7 @@ def export_from_dir(
         raise UserError("--int8 needs --calibration IMAGES (a folder or file of training images)")
     if calibration_count < 1:
         raise UserError(f"--calibration-count must be >= 1, got {calibration_count}")
+    check_predict_options(mode, window, overlap=0.25, batch_size=1, tta_flips=())
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise UserError(f"--model {model_dir} is not a model directory (no config.json there)")
@@ -94,33 +110,45 @@ def export_from_dir(
     if int8:
         files, _ = resolve_inputs(Path(calibration))
         in_chans = int(model.build_kwargs["in_chans"])
-        spec = normalization_spec(data, in_chans)
-        images = []
-        for f in files[:calibration_count]:
-            try:
-                images.append(normalize_image(read_image(f, in_chans), spec))
-            except (OSError, ValueError) as exc:
-                sys.stderr.write(f"warning: calibration image {f} skipped: {exc}\n")
+        images = read_images(files[:calibration_count], in_chans)
         if not images:
             raise UserError(f"no readable calibration image under --calibration {calibration}")
-        q_path = quantize_int8(onnx_path, int8_path(output), images)
-        fp32, q = OnnxSegmenter(onnx_path), OnnxSegmenter(q_path)
-        agree = [
-            float(
-                (
-                    labels_from_scores(predict_whole(fp32, x[None]))
-                    == labels_from_scores(predict_whole(q, x[None]))
-                ).mean()
-            )
-            for x in images
-        ]
+        if eval_images:
+            held_out = read_images(resolve_inputs(Path(eval_images))[0], in_chans)
+        else:
+            held_out = read_images(files[calibration_count : 2 * calibration_count], in_chans)
+        # as finetune/predict.py / the runtime predict with this file: recorded scale, these windows
+        predictor = {"mode": mode, "window": window}
+        meta = read_metadata(onnx_path)
+        path = {"mode": mode, "resize": meta["resize"]}
+        if mode == "slide":
+            path["window"] = list(window or meta["train_crop"])
+        inputs = deployment_inputs(onnx_path, images, **predictor)
+        q_path = quantize_int8(
+            onnx_path, int8_path(output), inputs, calibration_info={"images": len(images), **path}
+        )
+        agreement = int8_agreement(onnx_path, q_path, held_out or images, **predictor)
         summary.update(
             int8=str(q_path),
             int8_mb=q_path.stat().st_size / 2**20,
             calibration_images=len(images),
-            int8_fp32_pixel_agreement=sum(agree) / len(agree),
+            calibration_inputs=len(inputs),
+            deployment_path=path,
+            agreement_images="held-out" if held_out else "calibration",
+            int8_agreement=agreement,
         )
     return summary
+
+
+def read_images(files: list[Path], in_chans: int) -> list:
+    """Raw images (C, H, W) as the runtime reads them; an unreadable file is skipped with a warning."""
+    images = []
+    for f in files:
+        try:
+            images.append(read_image(f, in_chans))
+        except (OSError, ValueError) as exc:
+            sys.stderr.write(f"warning: image {f} skipped: {exc}\n")
+    return images
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             int8=args.int8,
             calibration=args.calibration,
             calibration_count=args.calibration_count,
+            mode=args.mode,
+            window=tuple(args.window) if args.window else None,
+            eval_images=args.eval_images,
         )
     except UserError as exc:
         if os.environ.get("HYBRIDVISION_DEBUG") == "1":
@@ -142,10 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {summary['onnx']} ({summary['onnx_mb']:.2f} MB, checked against PyTorch)")
     if "int8" in summary:
+        path, agree = summary["deployment_path"], summary["int8_agreement"]
+        how = f"{path['mode']}" + (
+            f" {path['window'][0]}x{path['window'][1]} windows" if "window" in path else ""
+        )
+        how += f" at scale {path['resize']}" if path["resize"] else " at native scale"
         print(
-            f"wrote {summary['int8']} ({summary['int8_mb']:.2f} MB); int8 agrees with fp32 on "
-            f"{100 * summary['int8_fp32_pixel_agreement']:.2f}% of pixels of {summary['calibration_images']} "
-            "calibration images (measure accuracy on held-out data: see deployment_report)"
+            f"wrote {summary['int8']} ({summary['int8_mb']:.2f} MB), calibrated on {summary['calibration_images']} "
+            f"images as the runtime predicts them ({how}: {summary['calibration_inputs']} model inputs)"
+        )
+        print(
+            f"int8 agrees with fp32 on {100 * agree['pixel_agreement']:.2f}% of pixels of {agree['images']} "
+            f"{summary['agreement_images']} images predicted the same way; exactly tied top-2 logits: "
+            f"fp32 {100 * agree['ties_fp32']:.3f}%, int8 {100 * agree['ties_int8']:.3f}% of pixels"
         )
     return 0
 

@@ -197,7 +197,7 @@ def main(cfg: DistillConfig) -> dict:
         write_json_atomic(out / "metrics.json", summary)  # before the export: nothing trained is lost
         if cfg.export.onnx:
             try:
-                summary["export"] = export_for_edge(cfg, teacher, student, train_set, val_set, out, engine)
+                summary["export"] = export_for_edge(cfg, teacher, student, val_set, out, engine)
             except Exception as exc:  # the student and metrics are written; say what failed, exit 2
                 export_error = exc
                 summary["export"] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -225,11 +225,17 @@ def main(cfg: DistillConfig) -> dict:
     return summary
 
 
-def export_for_edge(cfg: DistillConfig, teacher, student, train_set, val_set, out: Path, engine) -> dict:
+def export_for_edge(cfg: DistillConfig, teacher, student, val_set, out: Path, engine) -> dict:
     """ONNX fp32 (+ int8) of the student and the deployment report (teacher, student, ONNX models)."""
     import copy
 
-    from hybridvision.export import deployment_report, export_onnx, quantize_int8
+    from hybridvision.export import (
+        deployment_inputs,
+        deployment_report,
+        export_onnx,
+        int8_agreement,
+        quantize_int8,
+    )
 
     d, e = cfg.data, cfg.export
     data_cfg = config_to_dict(cfg)["data"]
@@ -246,12 +252,39 @@ def export_for_edge(cfg: DistillConfig, teacher, student, train_set, val_set, ou
     ]
     engine.print(f"student exported to {fp32} ({fp32.stat().st_size / 2**20:.2f} MB)")
     if e.int8:
-        count = min(e.calibration_images, len(train_set))
-        calibration = [train_set[i]["image"] for i in range(count)]  # augmented training crops
-        int8 = quantize_int8(fp32, out / "student.int8.onnx", calibration)
+        # calibrated and checked as the evaluation predicts (the runtime predictor, the recorded scale)
+        predictor = {
+            "mode": cfg.eval.mode,
+            "window": tuple(cfg.eval.window),
+            "overlap": cfg.eval.overlap,
+            "blend": cfg.eval.blend,
+            "tta_flips": tuple(cfg.eval.tta_flips),
+        }
+        images = calibration_images(cfg, e.calibration_images)
+        inputs = deployment_inputs(fp32, images, normalized=True, **predictor)
+        int8 = quantize_int8(
+            fp32,
+            out / "student.int8.onnx",
+            inputs,
+            calibration_info={"images": len(images), "mode": cfg.eval.mode, "resize": d.resize_scale},
+        )
         result["onnx_int8"] = str(int8)
         entries.append({"name": "student (ONNX int8)", "onnx": int8, "model": cpu_student})
-        engine.print(f"int8 model (calibrated on {count} training crops) in {int8}")
+        engine.print(
+            f"int8 model in {int8}, calibrated on {len(images)} training images as evaluation predicts "
+            f"them ({cfg.eval.mode}, scale {d.resize_scale or 'native'}: {len(inputs)} model inputs)"
+        )
+        if val_set is not None:
+            count = min(e.report_images or len(val_set), len(val_set))
+            agree = int8_agreement(
+                fp32, int8, (val_set[i]["image"] for i in range(count)), normalized=True, **predictor
+            )
+            result["int8_agreement"] = agree
+            engine.print(
+                f"int8 agrees with fp32 on {100 * agree['pixel_agreement']:.2f}% of pixels of {count} "
+                f"evaluation images; exactly tied top-2 logits: fp32 {100 * agree['ties_fp32']:.3f}%, "
+                f"int8 {100 * agree['ties_int8']:.3f}% of pixels"
+            )
     if e.report and val_set is not None:
         report = deployment_report(
             out,
@@ -274,6 +307,27 @@ def export_for_edge(cfg: DistillConfig, teacher, student, train_set, val_set, ou
             for row in report["entries"]
         ]
     return result
+
+
+def calibration_images(cfg: DistillConfig, count: int) -> list[torch.Tensor]:
+    """The first ``count`` training images through the evaluation transform (as built by
+    ``hybridvision.segmentation.build_data``): no augmentation, normalised, at their own size (the
+    predictor applies the recorded scale)."""
+    from hybridvision.data.from_config import build_labelled_datasets
+    from hybridvision.data.transforms import build_seg_transforms
+
+    d = cfg.data
+    eval_tf = build_seg_transforms(
+        False,
+        None,
+        in_chans=d.in_chans,
+        normalize=d.normalization,
+        window=d.window,
+        ignore_index=d.ignore_index,
+    )
+    train, _ = build_labelled_datasets(d, eval_tf, eval_tf, seed=cfg.train.seed, check="lazy")
+    samples = (train[i] for i in range(min(count, len(train)))) if hasattr(train, "__len__") else train
+    return [sample["image"] for sample, _ in zip(samples, range(count))]
 
 
 @torch.no_grad()
