@@ -485,11 +485,10 @@ def test_per_sample_seeding_ignores_draw_order_and_keeps_the_caller_rng():
 def test_engine_resolves_auto_precision_and_records_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ):
-    from hybridvision import engine
-    from hybridvision.engine import resolve_mixed_precision
+    from hybridvision.engine import precision, resolve_mixed_precision
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(engine, "measure_cpu_bf16_speedup", lambda: 0.5)  # read on CPUs only
+    monkeypatch.setattr(precision, "measure_cpu_bf16_speedup", lambda: 0.5)  # read on CPUs only
     eng = _engine(tmp_path, mixed_precision="auto")
     expected = resolve_mixed_precision()[0]
     assert expected == ("bf16" if torch.cuda.is_available() else "no")

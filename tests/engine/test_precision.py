@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hybridvision import engine
-from hybridvision.engine import CPU_BF16_MIN_SPEEDUP, resolve_mixed_precision
+from hybridvision.engine import CPU_BF16_MIN_SPEEDUP, precision, resolve_mixed_precision
 
 
 class _Measure:
@@ -76,7 +76,7 @@ def test_cpu_figure_is_measured_once_per_machine(cpu_only, monkeypatch: pytest.M
     key = engine.cpu_signature()
     assert json.loads(path.read_text())[key]["bf16_speedup"] == 2.0
     # another CPU, torch version or thread count is another key: measured again, both kept
-    monkeypatch.setattr(engine, "cpu_signature", lambda: "another machine")
+    monkeypatch.setattr(precision, "cpu_signature", lambda: "another machine")
     assert resolve_mixed_precision(again, path)[0] == "no"
     assert again.calls == 1
     assert set(json.loads(path.read_text())) == {key, "another machine"}

@@ -1,0 +1,89 @@
+"""SIGINT/SIGTERM: finish the current step, checkpoint, exit with the status a shell expects.
+
+The main process turns the first signal into a flag the loop reads after every optimizer step (a
+second one stops at once); DataLoader workers ignore both, so they survive until the checkpoint is
+written. A run stopped this way owes the process exit status 128 + signal (130 SIGINT, 143
+SIGTERM), recorded here and read back by stage scripts through :func:`pending_exit_code`.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+#: exit status of the last interrupted ``fit`` in this process (0: none), see :func:`pending_exit_code`
+_PENDING_EXIT = 0
+
+
+def exit_code(result: dict[str, Any]) -> int:
+    """Process exit status for a ``fit`` result: 0, or 128 + signal (130 SIGINT, 143 SIGTERM)."""
+    signum = result.get("signal")
+    return 128 + int(signum) if signum else 0
+
+
+def pending_exit_code() -> int:
+    """Exit status owed by this process: 128 + signal if a ``fit`` was interrupted, else 0.
+
+    Stage scripts end with ``sys.exit(cli_main(...) or pending_exit_code())`` so an interrupted run
+    exits 130 (SIGINT) / 143 (SIGTERM), as a shell or scheduler expects, and never looks successful.
+    """
+    return _PENDING_EXIT
+
+
+def record_exit_code(code: int) -> None:
+    """Remember the exit status an interrupted ``fit`` owes (a 0 leaves an earlier one in place)."""
+    global _PENDING_EXIT
+    if code:
+        _PENDING_EXIT = code
+
+
+class StopFlag:
+    """SIGINT/SIGTERM → finish the current step, checkpoint, exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. notebooks running in a thread)
+                pass
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def name(self) -> str:
+        """The received signal's name (``SIGTERM``), for messages."""
+        return signal.Signals(self.signum).name if self.signum else "a signal"
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signum = signum
+
+
+class WorkerInit:
+    """``worker_init_fn`` of training loaders: workers ignore SIGINT/SIGTERM.
+
+    A scheduler (SLURM, Kubernetes, a terminal's Ctrl-C) signals the whole process group. Left to
+    the default handler, every DataLoader worker dies and the main process fails with "DataLoader
+    worker ... is killed by signal" before it can checkpoint. Workers therefore ignore both; the
+    main process finishes the step, saves, and shuts its workers down itself (a worker whose parent
+    dies exits on its own).
+    """
+
+    def __init__(self, inner: Callable[[int], None] | None = None) -> None:
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
