@@ -26,13 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hybridvision.deploy.runtime import (  # noqa: E402
-    OnnxSegmenter,
-    list_images,
-    normalization_spec,
-    normalize_image,
-    read_image,
-)
+from hybridvision.deploy.reader import list_images, read_image  # noqa: E402
+from hybridvision.deploy.runtime import OnnxSegmenter, normalization_spec, normalize_image  # noqa: E402
 from hybridvision.export import _cpu_name, export_onnx, quantize_int8  # noqa: E402
 from hybridvision.models import create_segmenter, from_pretrained  # noqa: E402
 

@@ -17,8 +17,6 @@ The functions do not change the model's train/eval mode and run without gradient
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -26,21 +24,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .deploy.runtime import IMAGE_PAD_VALUE, rescaled_size
+from . import geometry
+from .geometry import FLIP_AXES, IMAGE_PAD_VALUE, rescaled_size, window_positions
 
-__all__ = ["Predictor", "gaussian_window", "predict_sliding_window", "predict_whole", "window_starts"]
+__all__ = ["Predictor", "gaussian_window", "predict_sliding_window", "predict_whole"]
 
 Model = Callable[[Tensor], Tensor]
 Output = Literal["probs", "logits"]
-_FLIP_DIMS = {"h": (-1,), "v": (-2,), "hv": (-2, -1)}
 
 
 def _check_flips(tta_flips: Sequence[str]) -> None:
     if isinstance(tta_flips, str):
         raise TypeError(f"tta_flips must be a sequence such as ('h',), got the string {tta_flips!r}")
-    unknown = [f for f in tta_flips if f not in _FLIP_DIMS]
+    unknown = [f for f in tta_flips if f not in FLIP_AXES]
     if unknown:
-        raise ValueError(f"unknown TTA flip(s) {unknown}; valid: {list(_FLIP_DIMS)}")
+        raise ValueError(f"unknown TTA flip(s) {unknown}; valid: {list(FLIP_AXES)}")
 
 
 def _scores(model: Model, images: Tensor, num_classes: int | None, tta_flips: Sequence[str]) -> Tensor:
@@ -53,7 +51,7 @@ def _scores(model: Model, images: Tensor, num_classes: int | None, tta_flips: Se
         (N, K, H, W) float32.
     """
     total = None
-    views = [()] + [_FLIP_DIMS[f] for f in tta_flips]
+    views = [()] + [FLIP_AXES[f] for f in tta_flips]
     for dims in views:
         x = images.flip(dims) if dims else images
         logits = model(x)
@@ -109,39 +107,20 @@ def predict_whole(
     return _finish(_scores(model, images, num_classes, tta_flips), output)
 
 
-def window_starts(size: int, window: int, stride: int) -> list[int]:
-    """Evenly spaced window offsets covering ``[0, size)``; the last window ends at ``size``.
-
-    Uses the fewest windows whose spacing is at most ``stride`` (nnU-Net's placement), so the image
-    border is never padded when ``size >= window``.
-    """
-    if size <= window:
-        return [0]
-    steps = math.ceil((size - window) / stride) + 1
-    return [round(i * (size - window) / (steps - 1)) for i in range(steps)]
-
-
 def gaussian_window(
     size: tuple[int, int], sigma_scale: float = 0.125, device: torch.device | None = None
 ) -> Tensor:
-    """Gaussian importance map centred on the window (nnU-Net), maximum 1, strictly positive.
+    """:func:`hybridvision.geometry.gaussian_window` as a tensor on ``device``.
 
     Args:
         size: (h, w) of the window.
         sigma_scale: standard deviation as a fraction of each side.
+        device: where the weights go (default: the CPU).
 
     Returns:
         (h, w) float32 weights.
     """
-    axes = []
-    for n in size:
-        coords = torch.arange(n, dtype=torch.float64, device=device) - (n - 1) / 2
-        sigma = max(n * sigma_scale, 1e-6)
-        axes.append(torch.exp(-0.5 * (coords / sigma) ** 2))
-    weights = axes[0][:, None] * axes[1][None, :]  # (h, w)
-    weights = weights / weights.max()
-    # far corners can underflow to 0; floor them so every pixel keeps a positive weight
-    return weights.clamp_min(max(weights[weights > 0].min().item(), 1e-6)).float()
+    return torch.from_numpy(geometry.gaussian_window(size, sigma_scale)).to(device)
 
 
 @torch.no_grad()
@@ -160,7 +139,7 @@ def predict_sliding_window(
     """Predict by tiling the image with overlapping windows and blending their scores.
 
     Images smaller than the window are padded (bottom/right, ``pad_value``; by default
-    :data:`~hybridvision.deploy.runtime.IMAGE_PAD_VALUE`, the value training crops are padded with
+    :data:`~hybridvision.geometry.IMAGE_PAD_VALUE`, the value training crops are padded with
     after normalisation) and the prediction is cropped back; larger images, of any (odd) size, are covered by evenly spaced windows whose stride
     is at most ``window * (1 - overlap)``, the last one flush with the border. Windows of all images
     are run through the model ``batch_size`` at a time. Each pixel's score is the weighted mean of
@@ -196,10 +175,9 @@ def predict_sliding_window(
     b, _, h, w = image.shape
     padded = F.pad(image, (0, max(ww - w, 0), 0, max(wh - h, 0)), value=pad_value)
     ph, pw = padded.shape[-2:]
-    ys = window_starts(ph, wh, max(1, int(wh * (1 - overlap))))
-    xs = window_starts(pw, ww, max(1, int(ww * (1 - overlap))))
+    positions = window_positions(h, w, window, overlap)
     # every (image, y, x) window; windows of one image are contiguous
-    tiles = [(i, y, x) for i in range(b) for y, x in itertools.product(ys, xs)]
+    tiles = [(i, y, x) for i in range(b) for y, x in positions]
 
     if blend == "gaussian":
         weight = gaussian_window((wh, ww), device=image.device)
@@ -207,7 +185,7 @@ def predict_sliding_window(
         weight = torch.ones(wh, ww, device=image.device)
     scores: Tensor | None = None  # (B, K, ph, pw) weighted sums
     norm = torch.zeros(ph, pw, device=image.device)
-    for y, x in itertools.product(ys, xs):
+    for y, x in positions:
         norm[y : y + wh, x : x + ww] += weight
 
     for start in range(0, len(tiles), batch_size):
@@ -244,7 +222,7 @@ class Predictor:
         tta_flips: flipped views averaged with the plain one (``"h"``, ``"v"``, ``"hv"``).
         output: ``"probs"`` or ``"logits"``.
         resize: ``[short_side, max_long_side]``: each image is rescaled to this scale
-            (:func:`~hybridvision.deploy.runtime.rescaled_size`; bilinear, antialiased), predicted
+            (:func:`~hybridvision.geometry.rescaled_size`; bilinear, antialiased), predicted
             (whole or sliding window at that scale), and its logits are resized back (bilinear) to
             the image's own size before probabilities or labels are taken, as MMSegmentation's
             ``Resize(keep_ratio=True)`` test pipeline. None: predict at the given size.

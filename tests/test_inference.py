@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from hybridvision.geometry import window_starts
 from hybridvision.inference import (
     Predictor,
     gaussian_window,
     predict_sliding_window,
     predict_whole,
-    window_starts,
 )
 
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 from distill.export import export_from_dir
 from finetune import predict as predict_cli
-from hybridvision.deploy import runtime
+from hybridvision import geometry
+from hybridvision.deploy import reader, runtime
 from hybridvision.models import create_segmenter, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def test_runtime_runs_without_torch_and_matches_predict_py(setup):
         import sys
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
         sys.path.insert(0, {str(ROOT)!r})
-        from hybridvision.deploy.runtime import main
+        from hybridvision.deploy.cli import main
         rc = main(["--model", {str(setup / "model.onnx")!r}, "--input", {str(setup / "images")!r},
                    "--output", {str(out_onnx)!r}, "--threads", "1"])
         assert sys.modules["torch"] is None and not any(m.startswith("torch.") for m in sys.modules)
@@ -122,7 +123,7 @@ def test_numpy_blending_equals_torch_inference():
 
         got = runtime.predict_sliding_window(model, x.numpy(), (16, 24), 0.4, blend, 3, ("v",))
         np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
-    np.testing.assert_allclose(runtime.gaussian_window((7, 12)), gaussian_window((7, 12)).numpy(), atol=1e-7)
+    np.testing.assert_allclose(geometry.gaussian_window((7, 12)), gaussian_window((7, 12)).numpy(), atol=1e-7)
     logits = np.random.default_rng(0).standard_normal((1, 3, 5, 6)).astype(np.float32)
     resized = runtime._resize_bilinear(logits, (11, 13))
     ref = torch.nn.functional.interpolate(
@@ -136,7 +137,7 @@ def test_read_image_matches_the_torch_reader(setup):
 
     for path in sorted((setup / "images").rglob("*.*")):
         for chans in (1, 3):
-            np.testing.assert_array_equal(runtime.read_image(path, chans), read_image(path, chans).numpy())
+            np.testing.assert_array_equal(reader.read_image(path, chans), read_image(path, chans).numpy())
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])
@@ -158,7 +159,7 @@ def test_predictions_are_written_in_the_displayed_orientation(setup, tmp_path, o
     height, width = upright.height, upright.width
     assert (height, width) == ((30, 52) if orientation == 3 else (52, 30))
     runtime.OnnxPredictor(setup / "model.onnx", threads=1).predict_files(
-        runtime.list_images(images), images, tmp_path / "o"
+        reader.list_images(images), images, tmp_path / "o"
     )
     args = ["--input", str(images), "--output", str(tmp_path / "t"), "--device", "cpu"]
     assert predict_cli.main(["--model", str(setup / "model"), *args]) == 0

@@ -368,7 +368,7 @@ def _orientation_hint(image_path: Path, mask_size: tuple[int, int], image_size: 
     """Why a mask may have its image's size turned by 90 degrees: the image's EXIF orientation."""
     from PIL import Image
 
-    from hybridvision.deploy.runtime import image_orientation
+    from hybridvision.deploy.reader import image_orientation
 
     if mask_size != (image_size[1], image_size[0]):
         return ""

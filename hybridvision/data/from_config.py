@@ -269,7 +269,7 @@ def _header_size(path: Path) -> tuple[int, int] | None:
     its header where the format allows (PNG's EXIF may follow the pixels); None if unreadable."""
     from PIL import Image
 
-    from ..deploy.runtime import displayed_size
+    from ..deploy.reader import displayed_size
 
     try:
         with Image.open(path) as img:

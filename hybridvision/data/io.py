@@ -18,8 +18,8 @@ from PIL import Image
 from torch.utils._pytree import tree_map
 from torchvision import tv_tensors
 
-from ..deploy import runtime
-from ..deploy.runtime import IMAGE_EXTENSIONS, ImageSource
+from ..deploy import reader
+from ..deploy.reader import IMAGE_EXTENSIONS, ImageSource
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -44,7 +44,7 @@ READ_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, Image.Deco
 def read_image(path: ImageSource, in_chans: int = 3, name: str | None = None) -> torch.Tensor:
     """Read an image file into a float tensor with ``in_chans`` channels, upright as displayed.
 
-    The project has one image reader, :func:`hybridvision.deploy.runtime.read_image` (no torch, so
+    The project has one image reader, :func:`hybridvision.deploy.reader.read_image` (no torch, so
     the ONNX predictor uses it too); this wraps its array in a tensor. Its rules:
 
     * the EXIF (or TIFF) orientation tag is applied: a phone photo stored sideways is read upright,
@@ -74,7 +74,7 @@ def read_image(path: ImageSource, in_chans: int = 3, name: str | None = None) ->
         OSError: If the file is missing, corrupt or truncated (``PIL.UnidentifiedImageError``
             is an ``OSError``).
     """
-    return torch.from_numpy(runtime.read_image(path, in_chans, name))
+    return torch.from_numpy(reader.read_image(path, in_chans, name))
 
 
 def image_to_tensor(image: Image.Image | np.ndarray, in_chans: int, name: str) -> torch.Tensor:
@@ -89,7 +89,7 @@ def image_to_tensor(image: Image.Image | np.ndarray, in_chans: int, name: str) -
     Returns:
         Image of shape (C, H, W), float32.
     """
-    return torch.from_numpy(runtime.image_array(image, in_chans, name))
+    return torch.from_numpy(reader.image_array(image, in_chans, name))
 
 
 def read_mask(path: ImageSource, name: str | None = None) -> torch.Tensor:
@@ -108,7 +108,7 @@ def read_mask(path: ImageSource, name: str | None = None) -> torch.Tensor:
     Raises:
         ValueError: For multi-channel (e.g. colour-coded RGB) masks, naming the file.
     """
-    return torch.from_numpy(runtime.read_mask(path, name))
+    return torch.from_numpy(reader.read_mask(path, name))
 
 
 def mask_to_tensor(mask: Image.Image | np.ndarray, name: str) -> torch.Tensor:
@@ -122,7 +122,7 @@ def mask_to_tensor(mask: Image.Image | np.ndarray, name: str) -> torch.Tensor:
     Returns:
         Mask of shape (H, W), int64.
     """
-    return torch.from_numpy(runtime.mask_array(mask, name))
+    return torch.from_numpy(reader.mask_array(mask, name))
 
 
 def check_mask_values(

@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from ..deploy.runtime import IMAGE_PAD_VALUE, rescaled_size
+from ..geometry import IMAGE_PAD_VALUE, rescaled_size
 
 __all__ = [
     "AlignedResize",

@@ -12,7 +12,7 @@ from data_helpers import save, save_with_orientation, write_corrupt, write_png16
 from PIL import Image, ImageOps
 
 from hybridvision.data.io import check_mask_values, read_image, read_mask
-from hybridvision.deploy import runtime
+from hybridvision.deploy import reader
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_tifffile_path_multiband(tmp_path, monkeypatch):
     fake = types.ModuleType("tifffile")
     fake.TiffFile = FakeTiffFile
     monkeypatch.setitem(sys.modules, "tifffile", fake)
-    monkeypatch.setattr(runtime, "_has_tifffile", lambda: True)
+    monkeypatch.setattr(reader, "_has_tifffile", lambda: True)
     path = tmp_path / "rgbn.tif"
     path.write_bytes(b"")  # content is served by the fake module
     out = read_image(path, in_chans=4)
@@ -196,7 +196,7 @@ def test_exif_orientation_is_applied_as_pil_displays_it(tmp_path, orientation, s
     expected = torch.from_numpy(shown).permute(2, 0, 1).float() / 255
     assert read_image(path, 3).shape == ((3, 5, 7) if orientation < 5 else (3, 7, 5))
     torch.testing.assert_close(read_image(path, 3), expected, rtol=0, atol=0)
-    torch.testing.assert_close(torch.from_numpy(runtime.read_image(path, 3)), expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(reader.read_image(path, 3)), expected, rtol=0, atol=0)
     if suffix != ".tif" or orientation < 5:  # bytes are decoded by PIL: see the next test
         torch.testing.assert_close(read_image(path.read_bytes(), 3), expected, rtol=0, atol=0)
 
@@ -208,7 +208,7 @@ def test_tiff_orientation_with_and_without_tifffile(tmp_path, monkeypatch, use_t
     whose tag swaps H and W, so without tifffile those are an error naming the file, not a misread."""
     if use_tifffile:
         pytest.importorskip("tifffile")
-    monkeypatch.setattr(runtime, "_has_tifffile", lambda: use_tifffile)
+    monkeypatch.setattr(reader, "_has_tifffile", lambda: use_tifffile)
     upright = np.arange(6, dtype=np.uint8).reshape(2, 3) * 40
     path = save_with_orientation(tmp_path / f"o{orientation}.tif", upright, orientation)
     if orientation == 6 and not use_tifffile:
@@ -227,7 +227,7 @@ def test_orientation_numbers_and_masks_turn_with_images(tmp_path, orientation):
     assert read_image(image, 1)[0].mul(255 / 5).round().tolist() == upright.tolist()
     mask = save_with_orientation(tmp_path / f"m{orientation}.png", upright // 10, orientation)
     assert read_mask(mask).tolist() == [[0, 1, 2], [3, 4, 5]]
-    assert runtime.read_mask(mask).tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert reader.read_mask(mask).tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
 @pytest.mark.parametrize("interlace", [False, True])
@@ -241,6 +241,6 @@ def test_16_bit_pngs_keep_all_16_bits(tmp_path, channels, in_chans, interlace):
     full = (words if words.ndim == 3 else words[:, :, None])[..., :in_chans]  # alpha dropped
     expected = torch.from_numpy(full.astype(np.float32) / 65535).permute(2, 0, 1)
     torch.testing.assert_close(read_image(path, in_chans), expected, rtol=0, atol=0)
-    torch.testing.assert_close(torch.from_numpy(runtime.read_image(path, in_chans)), expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(reader.read_image(path, in_chans)), expected, rtol=0, atol=0)
     first = read_image(path.read_bytes(), in_chans).mul(65535).round()[:, 0, 0]  # (C,) of pixel (0, 0)
     assert first.tolist() == [1, 255, 256, 1007][:channels][:in_chans]

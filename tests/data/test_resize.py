@@ -19,7 +19,8 @@ from torchvision import tv_tensors
 from hybridvision.config import ConfigError, DataConfig, load_config
 from hybridvision.data.from_config import auto_resize, image_sizes, resolve_resize
 from hybridvision.data.transforms import RandomResize, RandomScale, build_seg_transforms
-from hybridvision.deploy.runtime import parse_resize, rescaled_size, resize_image
+from hybridvision.deploy.runtime import parse_resize, resize_image
+from hybridvision.geometry import rescaled_size
 from hybridvision.inference import Predictor
 
 

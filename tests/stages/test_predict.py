@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from finetune import predict as predict_cli
-from hybridvision.deploy.runtime import UserError
+from hybridvision.deploy.errors import UserError
 from hybridvision.models import create_segmenter, save_pretrained
 
 

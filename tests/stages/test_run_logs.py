@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from finetune import predict as predict_cli
+from hybridvision.deploy import cli as deploy_cli
 from hybridvision.models import create_segmenter, save_pretrained
 from hybridvision.models.profile import model_summary
 
@@ -47,7 +48,7 @@ def test_progress_prints_plain_lines_when_stderr_is_no_terminal(monkeypatch: pyt
     err = io.StringIO()  # a log file: isatty() is False
     monkeypatch.setattr("sys.stderr", err)
     files = _files(tmp_path, 25)
-    assert list(predict_cli.progress(files)) == files
+    assert list(deploy_cli.progress(files)) == files
     lines = err.getvalue().splitlines()
     assert "\r" not in err.getvalue()
     # every ceil(25 / 10) = 3 images, and the last
@@ -60,9 +61,9 @@ def test_progress_prints_plain_lines_when_stderr_is_no_terminal(monkeypatch: pyt
 def test_progress_keeps_the_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch, tmp_path):
     err = io.StringIO()
     monkeypatch.setattr("sys.stderr", err)
-    monkeypatch.setattr(predict_cli, "_stderr_is_terminal", lambda: True)
+    monkeypatch.setattr(deploy_cli, "_stderr_is_terminal", lambda: True)
     files = _files(tmp_path, 3)
-    assert list(predict_cli.progress(files)) == files
+    assert list(deploy_cli.progress(files)) == files
     assert "\r" in err.getvalue() and "predict: 100%" in err.getvalue()
 
 
