@@ -211,3 +211,40 @@ def test_precision_benchmark_prints_every_op(
     for name, ratio in ratios.items():
         assert math.isfinite(ratio) and ratio > 0
         assert any(line.startswith(name) for line in out.splitlines())
+
+
+def test_backbones_table_runs_one_model(
+    tmp_path: Path, isolated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+):
+    """benchmarks/backbones.py on one timm model: every column filled, every check passing."""
+    pytest.importorskip("timm")
+    bench = _load("backbones")
+    output = tmp_path / "table.md"
+    args = ["--models", "timm/convnextv2_atto", "--size", "64", "--output", str(output)]
+    (row,) = bench.main(args)
+    out = capsys.readouterr().out
+    assert row["strides"] == (4, 8, 16, 32) and row["input_size"] is None
+    assert 3.0 < row["params_m"] < 3.6  # ConvNeXt-V2 atto without its head: 3.39 M
+    assert 0 < row["encoder_gmacs"] < row["gmacs"] and math.isfinite(row["gmacs"])
+    assert row["train"] == "✓" and row["mim"].startswith("✓") and row["onnx"].startswith("✓ (dynamic")
+    line = next(line for line in out.splitlines() if "`timm/convnextv2_atto`" in line)
+    assert line.count("|") == len(bench.COLUMNS) + 1 and "@64²" in line
+    assert output.read_text() in out and "CPU: " in out and "--models timm/convnextv2_atto" in out
+    assert _left_behind(isolated) == []  # the ONNX files went to a temporary directory, now removed
+
+
+def test_backbone_overhead_benchmark_runs(isolated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]):
+    """The three loops of benchmarks/backbone_overhead.py print finite rows (no timing asserted)."""
+    pytest.importorskip("timm")
+    bench = _load("backbone_overhead")
+    args = ["--models", "convnextv2_atto", "--steps", "2", "--reps", "1", "--warmup", "0"]
+    results = bench.main([*args, "--batch-size", "2", "--size", "32", "--samples", "4"])
+    out = capsys.readouterr().out
+    loops = results["convnextv2_atto"]
+    assert list(loops) == [bench.BARE, bench.WRAPPER, bench.ENGINE]
+    for loop, r in loops.items():
+        assert all(math.isfinite(v) and v > 0 for v in (*r["timing"][:2], r["ratio"], r["cpu_ratio"]))
+        assert f"\n  {loop} " in out
+    assert loops[bench.BARE]["ratio"] == 1.0
+    assert "\nconvnextv2_atto\n" in out and out.count("\ntarget ours") == 2
+    assert _left_behind(isolated) == []
