@@ -19,7 +19,8 @@ import numpy as np  # noqa: E402
 
 from hybridvision.deploy import cli  # noqa: E402
 from hybridvision.deploy.cli import Backend  # noqa: E402
-from hybridvision.deploy.runtime import UserError, normalization_spec, parse_resize  # noqa: E402
+from hybridvision.deploy.errors import UserError  # noqa: E402
+from hybridvision.deploy.runtime import normalization_spec, parse_resize  # noqa: E402
 
 
 def _load_torch_model(spec: str):
