@@ -40,6 +40,7 @@ def build_student(cfg: DistillConfig, engine):
         decoder=s.decoder or None,
         decoder_kwargs=s.decoder_kwargs or None,
         overrides=s.overrides,
+        input_size=tuple(d.image_size),
     )
     if engine.resume_checkpoint is None:  # else the weights come from the checkpoint
         engine.print(f"student {s.name}: " + report.summary())
@@ -67,16 +68,20 @@ def main(cfg: DistillConfig) -> dict:
     from distill.data import build_distill_train_set
     from distill.losses import DistillCriterion, FeatureDistiller, match_stages
     from distill.models import DistillStudent, count_gmacs, count_params, load_teacher, resolve_data
-    from finetune.evaluate import evaluate_segmenter
-    from finetune.run import build_data, model_summary
     from hybridvision.data.loader import collate_mixed_sizes
     from hybridvision.engine import Engine, StepOutput
     from hybridvision.io import write_json_atomic
     from hybridvision.losses import build_segmentation_loss
     from hybridvision.models import save_pretrained
+    from hybridvision.models.profile import model_summary
+    from hybridvision.segmentation.data import build_data, labelled_line
+    from hybridvision.segmentation.evaluate import evaluate_segmenter
 
     teacher = load_teacher(cfg.teacher)
-    cfg = dataclasses.replace(cfg, data=resolve_data(cfg, teacher))
+    from hybridvision.data.from_config import resolve_resize
+
+    data, resize_line = resolve_resize(resolve_data(cfg, teacher))  # the one resolution of data.resize
+    cfg = dataclasses.replace(cfg, data=data)
     d, kd = cfg.data, cfg.kd
     engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="distill")
     acc = engine.accelerator
@@ -99,13 +104,21 @@ def main(cfg: DistillConfig) -> dict:
         engine.print("feature distillation pairs (student stage -> teacher stage): " + str(pairs))
     model = DistillStudent(student, features)
 
-    from hybridvision.data.from_config import resolve_resize
-
-    engine.print(resolve_resize(d))
-    train_tf, train_set, val_set = build_data(cfg)
-    train_set, n_unlabelled = build_distill_train_set(d, train_set, train_tf, cfg.train.seed)
+    engine.print(resize_line)
+    data = build_data(cfg)
+    val_set = data.val_set
+    train_set, n_unlabelled = build_distill_train_set(
+        d, data.train_set, data.train_transform, cfg.train.seed, rest=data.unlabelled_rest
+    )
+    if data.labelled_ids is not None:
+        engine.print(labelled_line(d, data.labelled_ids, len(data.unlabelled_rest or ())))
     if n_unlabelled:
-        engine.print(f"{n_unlabelled} unlabelled images from {d.unlabelled_source} (distillation terms only)")
+        sources = [
+            s for s in (data.unlabelled_rest and f"the rest of split {d.split!r}", d.unlabelled_source) if s
+        ]
+        engine.print(
+            f"{n_unlabelled} unlabelled images from {' and '.join(sources)} (distillation terms only)"
+        )
     task = build_segmentation_loss(
         d.num_classes,
         d.ignore_index,
@@ -114,18 +127,7 @@ def main(cfg: DistillConfig) -> dict:
         cfg.loss.label_smoothing,
     )
     criterion = DistillCriterion(
-        task,
-        kd.task_weight,
-        terms,
-        d.ignore_index,
-        kd.temperature,
-        kd.cwd_tau,
-        kd.dist_tau,
-        kd.dist_beta,
-        kd.dist_gamma,
-        kd.dist_tau_squared,
-        kd.resize_to,
-        feature_loss=features.loss if features is not None else None,
+        task, kd, d.ignore_index, feature_loss=features.loss if features is not None else None
     )
 
     def step_fn(m: nn.Module, batch: dict):
