@@ -19,7 +19,7 @@ from hybridvision.config import ConfigError
 from hybridvision.data.from_config import build_unlabelled_dataset
 from hybridvision.data.io import apply_transform
 
-__all__ = ["Labelled", "UnlabelledAsSegmentation", "build_distill_train_set"]
+__all__ = ["Labelled", "LabelsDropped", "UnlabelledAsSegmentation", "build_distill_train_set"]
 
 
 class Labelled(Dataset):
@@ -69,17 +69,40 @@ class UnlabelledAsSegmentation(Dataset):
         return {**out, "labelled": False}
 
 
+class LabelsDropped(Dataset):
+    """Samples of a labelled set whose labels are not to be used (``data.label_fraction < 1``):
+    mask = ``ignore_index`` everywhere, ``labelled=False``, so only the distillation terms see them."""
+
+    def __init__(self, dataset: Dataset, ignore_index: int) -> None:
+        self.dataset, self.ignore_index = dataset, ignore_index
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        return {**sample, "mask": torch.full_like(sample["mask"], self.ignore_index), "labelled": False}
+
+
 def build_distill_train_set(
-    data: DistillDataConfig, labelled: Dataset, transform: Callable | None, seed: int
+    data: DistillDataConfig,
+    labelled: Dataset,
+    transform: Callable | None,
+    seed: int,
+    rest: Dataset | None = None,
 ) -> tuple[Dataset, int]:
-    """The labelled training set, plus ``data.unlabelled_source`` images when given.
+    """The labelled training set, plus unlabelled images: ``rest`` (the part of the labelled split
+    whose labels ``data.label_fraction`` leaves out) and ``data.unlabelled_source`` when given.
 
     Returns:
         (dataset, number of unlabelled samples in it).
     """
     out: Dataset = Labelled(labelled)
+    parts: list[Dataset] = [out]
+    if rest is not None and len(rest):
+        parts.append(LabelsDropped(rest, data.ignore_index))
     if not data.unlabelled_source:
-        return out, 0
+        return (ConcatDataset(parts), len(parts[-1])) if len(parts) > 1 else (out, 0)
     extra_cfg = dataclasses.replace(
         data, source=data.unlabelled_source, split=data.unlabelled_split, streaming=False
     )
@@ -90,4 +113,5 @@ def build_distill_train_set(
         )
     if data.unlabelled_max and len(extra) > data.unlabelled_max:
         extra = Subset(extra, range(data.unlabelled_max))
-    return ConcatDataset([out, UnlabelledAsSegmentation(extra, transform, data.ignore_index)]), len(extra)
+    parts.append(UnlabelledAsSegmentation(extra, transform, data.ignore_index))
+    return ConcatDataset(parts), sum(len(p) for p in parts[1:])

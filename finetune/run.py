@@ -82,7 +82,7 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
     from hybridvision.models import save_pretrained
     from hybridvision.models.profile import model_summary
     from hybridvision.models.transfer import build_segmenter
-    from hybridvision.segmentation.data import build_data
+    from hybridvision.segmentation.data import build_data, labelled_line
     from hybridvision.segmentation.evaluate import evaluate_segmenter
 
     data, resize_line = resolve_resize(cfg.data)  # the one resolution of data.resize=auto
@@ -110,7 +110,11 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
     engine.print(model_summary(model))
 
     engine.print(resize_line)
-    train_tf, train_set, val_set = build_data(cfg)
+    data = build_data(cfg)
+    train_set, val_set = data.train_set, data.val_set
+    labelled = {} if data.labelled_ids is None else {"labelled_ids": data.labelled_ids}
+    if labelled:
+        engine.print(labelled_line(d, data.labelled_ids, len(data.unlabelled_rest or ())))
     criterion = build_segmentation_loss(
         d.num_classes,
         d.ignore_index,
@@ -155,11 +159,10 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
         eng.log(per_class)
         return metrics
 
-    def export(m: nn.Module, directory: Path) -> None:
+    def export(m: nn.Module, directory: Path, metrics: dict | None = None) -> None:
         target = ema.module if ema is not None else m
-        save_pretrained(
-            target, directory, extra={"stage": "finetune", "init": init, "run_config": config_to_dict(cfg)}
-        )
+        extra = {"stage": "finetune", "init": init, "run_config": config_to_dict(cfg), **labelled}
+        save_pretrained(target, directory, extra={**extra, "metrics": metrics or {}})
 
     result = engine.fit(
         model,
@@ -177,11 +180,11 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
         engine.close_interrupted(result)
         return {}
     if acc.is_main_process:
-        if exportable:
-            export(acc.unwrap_model(engine.model), out / "model")
         metrics = result["final_metrics"]
+        if exportable:
+            export(acc.unwrap_model(engine.model), out / "model", metrics)
         write_json_atomic(
-            out / "metrics.json", {"step": result["step"], "init": init or "scratch", **metrics}
+            out / "metrics.json", {"step": result["step"], "init": init or "scratch", **labelled, **metrics}
         )
     acc.wait_for_everyone()
     m = result["final_metrics"]

@@ -76,6 +76,8 @@ class DataConfig:
     split: str = "train"  # training split (folder layouts: images/<split>)
     val_split: str = "val"  # evaluation split ('' disables evaluation)
     val_ids: list[str] = field(default_factory=list)  # hold these ids of `split` out for evaluation
+    label_fraction: float = 1.0  # train on this seeded fraction of the labelled split (train.seed picks it)
+    labelled_ids: list[str] = field(default_factory=list)  # or on exactly these ids of `split` (empty: all)
     in_chans: int = 3  # image channels given to the model
     image_size: tuple[int, int] = (64, 64)  # training crop size (H, W)
     resize: list[int] | str = "auto"  # scale: [short, max_long] px | native | auto (native if sizes agree)
@@ -100,6 +102,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         _positive(self, "in_chans", "num_classes", "synthetic_samples")
         _non_negative(self, "num_workers", "synthetic_val_samples")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise field_error(self, "label_fraction", f"must be in (0, 1], got {self.label_fraction}")
+        if self.labelled_ids and self.label_fraction < 1.0:
+            raise field_error(self, "label_fraction", "and data.labelled_ids exclude each other: set one")
         if any(s <= 0 for s in self.image_size):
             raise field_error(self, "image_size", f"must be positive, got {self.image_size}")
         self.resize = _check_resize(self, self.resize)

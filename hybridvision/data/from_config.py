@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, Subset
 
 from ..config import ConfigError, DataConfig
 from .folder import ImageFolderDataset, SegmentationFolderDataset, split_by_ids
@@ -32,6 +33,7 @@ __all__ = [
     "image_sizes",
     "auto_resize",
     "resolve_resize",
+    "labelled_subset",
     "SYNTHETIC_VAL_SEED_OFFSET",
 ]
 
@@ -172,6 +174,36 @@ def build_unlabelled_dataset(
         rank=rank,
         world_size=world_size,
     )
+
+
+def labelled_subset(train: Dataset, cfg: DataConfig, seed: int) -> tuple[Dataset, list[str] | None]:
+    """The part of the labelled training split that keeps its labels, and its sample ids.
+
+    ``data.labelled_ids`` names the samples; ``data.label_fraction < 1`` draws
+    ``max(1, round(fraction * N))`` of them without replacement under ``seed`` (a new seed, a new
+    subset; the same seed, the same one), in split order. Ids are the samples' own (file stems of a
+    folder) or their positions in the split. ``(train, None)`` when every sample keeps its label.
+
+    Raises:
+        ConfigError: ``data.labelled_ids`` names ids the split does not hold.
+    """
+    if not cfg.labelled_ids and cfg.label_fraction >= 1.0:
+        return train, None
+    ids = [str(i) for i in (getattr(train, "ids", None) or range(len(train)))]
+    if cfg.labelled_ids:
+        wanted = {str(i) for i in cfg.labelled_ids}
+        missing = sorted(wanted - set(ids))
+        if missing:
+            raise ConfigError(
+                f"data.labelled_ids: {missing[:5]} not in split {cfg.split!r} of {cfg.source} "
+                f"(its ids look like {ids[:3]}); give ids of that split"
+            )
+        chosen = [i for i, name in enumerate(ids) if name in wanted]
+    else:
+        count = max(1, round(cfg.label_fraction * len(ids)))
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+        chosen = sorted(order[:count])
+    return Subset(train, chosen), [ids[i] for i in chosen]
 
 
 def build_labelled_datasets(

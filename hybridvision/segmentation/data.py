@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ..config import DataConfig
-from ..data.from_config import build_labelled_datasets
+from ..data.from_config import build_labelled_datasets, labelled_subset
 from ..data.transforms import build_seg_transforms
 from .config import AugmentConfig
 
-__all__ = ["SegmentationData", "build_data"]
+__all__ = ["SegmentationData", "build_data", "labelled_line"]
 
 
 class SegmentationData(NamedTuple):
@@ -20,6 +20,11 @@ class SegmentationData(NamedTuple):
     train_transform: Any
     train_set: Dataset
     val_set: Dataset | None
+    #: ids of the samples that keep their labels (``data.label_fraction`` / ``data.labelled_ids``);
+    #: None when all do
+    labelled_ids: list[str] | None = None
+    #: the rest of the labelled split (labels unused), for distillation's unlabelled images
+    unlabelled_rest: Dataset | None = None
 
 
 def build_data(cfg: Any) -> SegmentationData:
@@ -53,5 +58,20 @@ def build_data(cfg: Any) -> SegmentationData:
         window=d.window,
         ignore_index=d.ignore_index,
     )
-    train_set, val_set = build_labelled_datasets(d, train_tf, eval_tf, seed=cfg.train.seed)
-    return SegmentationData(train_tf, train_set, val_set)
+    full, val_set = build_labelled_datasets(d, train_tf, eval_tf, seed=cfg.train.seed)
+    train_set, ids = labelled_subset(full, d, cfg.train.seed)
+    rest = None
+    if ids is not None:
+        kept = set(train_set.indices)
+        rest = Subset(full, [i for i in range(len(full)) if i not in kept]) if len(kept) < len(full) else None
+    return SegmentationData(train_tf, train_set, val_set, ids, rest)
+
+
+def labelled_line(d: DataConfig, ids: list[str], rest: int) -> str:
+    """The log line of a labelled subset: how many, which ids, what became of the rest."""
+    few = ", ".join(ids[:8]) + (f", ... (+{len(ids) - 8})" if len(ids) > 8 else "")
+    how = f"data.label_fraction={d.label_fraction}" if d.label_fraction < 1 else "data.labelled_ids"
+    return (
+        f"{how}: training on {len(ids)} of {len(ids) + rest} labelled images of split {d.split!r} ({few}); "
+        "the ids are recorded in metrics.json and the model's config"
+    )
