@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -133,6 +134,20 @@ def check_size(size: Sequence[int], divisor: int) -> tuple[int, int]:
     return out[0], out[1]
 
 
+def _fused_copy(seg: Segmenter) -> Segmenter:
+    """``seg`` itself, or a copy whose encoder fused its re-parameterisable branches for inference.
+
+    FastViT / RepViT / MobileOne train with parallel branches that fold into one convolution
+    (timm's ``reparameterize_model``); the exported graph is the folded one, and ``verify`` checks
+    it against the unfolded model.
+    """
+    fuse = getattr(seg.encoder, "reparameterize", None)
+    if fuse is None:
+        return seg
+    fused = copy.deepcopy(seg)
+    return fused if fused.encoder.reparameterize() else seg
+
+
 def _unwrap(model: nn.Module) -> Segmenter:
     model = getattr(model, "module", model)  # DDP
     model = getattr(model, "_orig_mod", model)  # torch.compile
@@ -183,11 +198,11 @@ def export_onnx(
     Raises:
         ExportError: if ``onnx.checker`` rejects the graph or onnxruntime disagrees with PyTorch.
     """
-    import onnx
 
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
     seg = _unwrap(model)
+    traced = _fused_copy(seg)  # re-parameterisable branches (FastViT, RepViT, MobileOne) fused
     data = dict(data_cfg or {})
     in_chans = int(seg.build_kwargs.get("in_chans", data.get("in_chans", 3)))
     num_classes = int(seg.num_classes)
@@ -200,6 +215,8 @@ def export_onnx(
         "class_names": names,
         "normalization": normalization_spec(data, in_chans),
         "size_divisor": int(seg.encoder.size_divisor),
+        # an encoder built at a fixed size: inputs up to it are padded, larger images need windows of it
+        "input_size": list(seg.encoder.input_size) if seg.encoder.input_size else None,
         "train_crop": list(crop),
         "resize": _recorded_resize(data.get("resize")),
         "ignore_index": int(ignore_index if ignore_index is not None else data.get("ignore_index", 255)),
@@ -218,48 +235,37 @@ def export_onnx(
     was_training = seg.training
     device = next(seg.parameters()).device
     seg.eval().cpu()
+    traced.eval().cpu()
     dummy = torch.randn(2, in_chans, *crop, generator=torch.Generator().manual_seed(0))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    name = seg.build_kwargs.get("name")
     try:
-        with _export_symbolics(opset), warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # TracerWarnings on structural (size-independent) checks
-            try:
-                torch.onnx.export(
-                    seg,
-                    (dummy,),
-                    str(tmp),
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={
-                        INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-                        OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-                    },
-                    do_constant_folding=True,
-                )
-            except torch.onnx.errors.UnsupportedOperatorError as exc:
-                raise ExportError(
-                    f"{seg.build_kwargs.get('name')}: {str(exc).splitlines()[0]} (try opset=18)"
-                ) from exc
-        proto = onnx.load(str(tmp))
-        del proto.metadata_props[:]
-        onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
-        proto.producer_name = "hybridvision"
-        proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = num_classes  # K is static
-        proto.doc_string = f"hybridvision {seg.build_kwargs.get('name')} segmenter, logits (B, K, H, W)"
-        onnx.save(proto, str(tmp))
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"{path}: onnx.checker rejected the graph: {str(exc).splitlines()[0]}") from exc
+        _write_graph(traced, dummy, tmp, metadata, opset, dynamic=True)
         if verify:
             size = check_size(crop, metadata["size_divisor"])
-            result = verify_onnx(seg, tmp, sizes=[size], batch_sizes=[1])[0]
-            if not result["max_abs_diff"] <= atol:
+            if seg.encoder.input_size:  # at most the fixed size, and not a multiple of the divisor
+                size = tuple(max(1, s - metadata["size_divisor"] // 2 - 1) for s in seg.encoder.input_size)
+            diff = _max_diff(seg, tmp, size)
+            if not diff <= atol and not seg.encoder.input_size:
+                # the traced graph kept sizes of the trace (e.g. MobileViT's unfold): export it at the
+                # crop size, recorded in the metadata; the predictors slide windows of that size
+                _logger.warning(
+                    "%s: the ONNX graph does not generalise beyond %dx%d (max abs logit diff %s at %dx%d): "
+                    "exported at the fixed input size %dx%d; predictors slide windows of that size",
+                    name,
+                    *crop,
+                    f"{diff:.3g}",
+                    *size,
+                    *crop,
+                )
+                metadata["input_size"] = list(crop)
+                _write_graph(traced, dummy, tmp, metadata, opset, dynamic=False)
+                size = crop
+                diff = _max_diff(seg, tmp, size)
+            if not diff <= atol:
                 raise ExportError(
                     f"{path}: onnxruntime disagrees with PyTorch at {size[0]}x{size[1]}: max abs logit diff "
-                    f"{result['max_abs_diff']:.3g} > {atol}"
+                    f"{diff:.3g} > {atol}"
                 )
         os.replace(tmp, path)
     finally:
@@ -267,6 +273,53 @@ def export_onnx(
             tmp.unlink()
         seg.to(device).train(was_training)
     return path
+
+
+def _write_graph(
+    model: nn.Module, dummy: Tensor, path: Path, metadata: dict[str, Any], opset: int, dynamic: bool
+) -> None:
+    """Trace ``model`` to ``path`` (dynamic batch; dynamic height/width if ``dynamic``), add the metadata
+    and check the graph."""
+    import onnx
+
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
+    with _export_symbolics(opset), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings on structural (size-independent) checks
+        try:
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+                do_constant_folding=True,
+            )
+        except torch.onnx.errors.UnsupportedOperatorError as exc:
+            name = metadata["model"].get("name")
+            raise ExportError(f"{name}: {str(exc).splitlines()[0]} (try opset=18)") from exc
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
+    proto.producer_name = "hybridvision"
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = metadata["num_classes"]  # K is static
+    proto.doc_string = f"hybridvision {metadata['model'].get('name')} segmenter, logits (B, K, H, W)"
+    onnx.save(proto, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path}: onnx.checker rejected the graph: {str(exc).splitlines()[0]}") from exc
+
+
+def _max_diff(seg: nn.Module, path: Path, size: Sequence[int]) -> float:
+    """Max abs logit difference of onnxruntime vs PyTorch at ``size`` (inf if onnxruntime fails)."""
+    try:
+        return float(verify_onnx(seg, path, sizes=[tuple(size)], batch_sizes=[1])[0]["max_abs_diff"])
+    except Exception as err:  # onnxruntime raises its own types for shape errors in the graph
+        _logger.debug("onnxruntime failed at %s: %s", tuple(size), err)
+        return float("inf")
 
 
 @torch.no_grad()

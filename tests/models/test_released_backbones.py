@@ -109,7 +109,11 @@ def test_every_decoder_trains_on_the_reported_strides(arch, size, decoder):
 
 def test_stride_16_to_64_with_every_decoder_that_takes_any_stride():
     seg = create_segmenter(
-        "timm/efficientvit_m0", num_classes=2, decoder="transunet_cup", decoder_kwargs={"n_skip": 2}, img_size=64
+        "timm/efficientvit_m0",
+        num_classes=2,
+        decoder="transunet_cup",
+        decoder_kwargs={"n_skip": 2},
+        img_size=64,
     )
     assert seg.encoder.reductions == (16, 32, 64)
     assert seg(torch.randn(2, 3, 64, 64)).shape == (2, 2, 64, 64)
@@ -309,3 +313,30 @@ def test_build_encoder_takes_the_encoder_of_our_segmenter(tmp_path):
     assert len(report.loaded) == len(enc.state_dict()) and not report.missing
     for k, v in enc.state_dict().items():
         assert torch.equal(v, seg.encoder.state_dict()[k])
+
+
+def test_graph_that_keeps_trace_sizes_is_exported_at_a_fixed_size(tmp_path):
+    """MobileViT's unfold bakes the traced size into the graph: the export falls back to a fixed
+    input size, recorded in the metadata, and the ONNX predictor slides windows of it."""
+    np = pytest.importorskip("numpy")
+    from hybridvision.deploy.runtime import OnnxPredictor, read_metadata
+    from hybridvision.export import export_onnx
+
+    seg = create_segmenter("timm/mobilevit_xxs", num_classes=2).eval()
+    path = export_onnx(seg, tmp_path / "m.onnx", train_crop=(64, 64))
+    assert read_metadata(path)["input_size"] == [64, 64]
+    predictor = OnnxPredictor(path, mode="whole")
+    assert (predictor.mode, predictor.window) == ("slide", (64, 64))
+    image = np.random.default_rng(0).random((3, 100, 130), dtype=np.float32)
+    assert predictor.predict_labels(image).shape == (100, 130)
+
+
+def test_equal_strides_of_a_plain_vit_take_the_unet_decoder():
+    seg = create_segmenter(
+        "transformers/dinov2",
+        num_classes=2,
+        decoder="unet",
+        config={"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64},
+    )
+    assert seg.encoder.reductions == (14, 14, 14, 14)
+    assert seg(torch.randn(2, 3, 50, 61)).shape == (2, 2, 50, 61)
