@@ -51,11 +51,11 @@ if str(_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import torch.utils.flop_counter as flop_counter  # noqa: E402
 
 from hybridvision.export import ExportError, _cpu_name, export_onnx  # noqa: E402
 from hybridvision.models import create_encoder, create_segmenter  # noqa: E402
 from hybridvision.models.profile import count_params  # noqa: E402
+from hybridvision.models.profile import flop_counter as count_flops  # noqa: E402
 
 #: facebook/dinov2-small's config.json (architecture fields only)
 DINOV2_SMALL = {
@@ -111,21 +111,11 @@ COLUMNS = [
 ]
 
 
-def _cpu_sdpa_flops(
-    query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
-) -> int:
-    """FLOPs of the CPU fused attention kernel (torch's formula for the CUDA kernels)."""
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-_CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
-
-
 @torch.no_grad()
 def segmenter_gmacs(seg: torch.nn.Module, size: tuple[int, int]) -> tuple[float, float]:
     """(segmenter, encoder) GMACs of one (1, 3, H, W) eval forward; FLOPs / 2."""
     seg.eval()
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
+    with count_flops() as counter:
         seg(torch.zeros(1, 3, *size))
     counts = counter.get_flop_counts()
     total = counter.get_total_flops()

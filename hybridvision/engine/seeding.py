@@ -35,7 +35,9 @@ def seeded_rng(seed: int) -> Iterator[None]:
     """Run the body with the CPU torch, ``random`` and NumPy global RNGs seeded by ``seed``, then restore them."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # the CPU generator only (what fork_rng(devices=[]) restores): torch.manual_seed would also
+        # queue a seed for every CUDA device, which costs a stack capture per sample before CUDA starts
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:

@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-__all__ = ["count_params", "count_gmacs", "model_summary"]
+__all__ = ["count_params", "count_gmacs", "flop_counter", "model_summary"]
 
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters."""
     return sum(p.numel() for p in model.parameters())
+
+
+def _cpu_sdpa_flops(
+    query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
+    """FLOPs of the CPU fused attention kernel (torch's formula for the CUDA kernels)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def flop_counter() -> Any:
+    """A ``FlopCounterMode`` that also counts CPU fused attention.
+
+    torch's counter knows the CUDA attention kernels only: ``scaled_dot_product_attention`` on CPU
+    (``_scaled_dot_product_flash_attention_for_cpu``) would count as 0 FLOPs.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 @torch.no_grad()
@@ -19,13 +42,11 @@ def count_gmacs(model: nn.Module, in_chans: int, size: tuple[int, int]) -> float
 
     Runs in eval mode on the model's device; the model's mode is restored.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             model(torch.zeros(1, in_chans, *size, device=device))
     finally:
         model.train(was_training)

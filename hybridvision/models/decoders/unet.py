@@ -73,8 +73,8 @@ def _check_features(in_channels: Sequence[int], reductions: Sequence[int]) -> No
         raise ValueError(
             f"in_channels {tuple(in_channels)} and reductions {tuple(reductions)} must match in length"
         )
-    if list(reductions) != sorted(set(reductions)):
-        raise ValueError(f"reductions must increase from shallow to deep, got {tuple(reductions)}")
+    if list(reductions) != sorted(reductions):  # equal strides (plain ViTs: 14, 14, 14, 14) are fine
+        raise ValueError(f"reductions must not decrease from shallow to deep, got {tuple(reductions)}")
 
 
 class CascadedUpsampler(nn.Module):
