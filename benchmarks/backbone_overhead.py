@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from hybridvision.config import OptimConfig, TrainConfig  # noqa: E402
 from hybridvision.engine import Engine, StepOutput  # noqa: E402
-from hybridvision.export import _cpu_name  # noqa: E402
+from hybridvision.export import cpu_name  # noqa: E402
 from hybridvision.models import create_decoder, create_segmenter  # noqa: E402
 from hybridvision.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, Any
     print(
         "command: " + " ".join([f"OMP_NUM_THREADS={omp}", "python benchmarks/backbone_overhead.py", *given])
     )
-    print(f"CPU: {_cpu_name()}; torch {torch.__version__}, timm {timm.__version__}")
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}, timm {timm.__version__}")
     print_table(results, args.batch_size, args.target)
     return results
 

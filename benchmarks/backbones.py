@@ -52,7 +52,7 @@ if str(_ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from hybridvision.export import ExportError, _cpu_name, export_onnx  # noqa: E402
+from hybridvision.export import ExportError, cpu_name, export_onnx  # noqa: E402
 from hybridvision.models import create_encoder, create_segmenter  # noqa: E402
 from hybridvision.models.profile import count_params  # noqa: E402
 from hybridvision.models.profile import flop_counter as count_flops  # noqa: E402
@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "(segmenter with a U-Net decoder, 2 classes)",
         "",
         f"command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} {command}`  ",
-        f"CPU: {_cpu_name()}; torch threads {used}  ",
+        f"CPU: {cpu_name()}; torch threads {used}  ",
         f"torch {torch.__version__}, timm {timm.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}",
     ]

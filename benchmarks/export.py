@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from hybridvision.deploy.reader import list_images, read_image  # noqa: E402
 from hybridvision.deploy.runtime import OnnxSegmenter, normalization_spec, normalize_image  # noqa: E402
-from hybridvision.export import _cpu_name, export_onnx, quantize_int8  # noqa: E402
+from hybridvision.export import cpu_name, export_onnx, quantize_int8  # noqa: E402
 from hybridvision.models import create_segmenter, from_pretrained  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def calibration_set(model: torch.nn.Module, data: dict, args: argparse.Namespace
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"CPU: {_cpu_name()}; threads {args.threads}; batch 1; input {args.size[0]}x{args.size[1]}")
+    print(f"CPU: {cpu_name()}; threads {args.threads}; batch 1; input {args.size[0]}x{args.size[1]}")
     header = f"{'model':<10} {'runtime':<16} {'median ms':>10} {'p25-p75 ms':>16} {'vs eager':>9} {'MB':>7}"
     print(header)
     print("-" * len(header))

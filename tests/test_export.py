@@ -124,16 +124,22 @@ def test_imagenet_and_explicit_normalisation_match_the_training_transform():
         np.testing.assert_allclose(normalize_image(img.numpy(), spec), np.asarray(ref), atol=2e-6)
 
 
-def test_export_rejects_a_graph_that_disagrees(tmp_path, monkeypatch):
-    """The built-in check is real: a model whose traced graph bakes in the export size is caught."""
+def test_export_rejects_a_graph_that_disagrees(tmp_path, monkeypatch, caplog):
+    """The built-in check is real: a model whose traced graph bakes in the export size is caught,
+    then exported at that fixed size (recorded for the predictors), or refused without the fallback."""
+    from hybridvision.deploy.runtime import read_metadata
     from hybridvision.models import base
 
     model = create_segmenter("unet_resnet_nano", num_classes=2).eval()
     monkeypatch.setattr(base, "is_tracing", lambda: False)  # the pre-fix behaviour: sizes become constants
     with pytest.raises(ExportError, match="disagrees|shape|failed"):
-        export_onnx(model, tmp_path / "bad.onnx", train_crop=CROP)
+        export_onnx(model, tmp_path / "bad.onnx", train_crop=CROP, fixed_size_fallback=False)
     assert not (tmp_path / "bad.onnx").exists()
     assert check_size((64, 64), 32) == (81, 81)
+    with caplog.at_level("WARNING"):
+        path = export_onnx(model, tmp_path / "fixed.onnx", train_crop=CROP)
+    assert "exported at the fixed input size" in caplog.text
+    assert read_metadata(path)["input_size"] == list(CROP)
 
 
 # --------------------------------------------------------------------------- int8 on real data

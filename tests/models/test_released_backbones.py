@@ -244,7 +244,7 @@ def test_hub_id_resolves_from_the_cache_with_no_network(tmp_path):
 
 def test_reparameterized_export_graph_matches_the_trained_model():
     seg = create_segmenter("timm/repvit_m0_9", num_classes=2).eval()
-    from hybridvision.export import _fused_copy
+    from hybridvision.export.onnx import _fused_copy
 
     fused = _fused_copy(seg)
     assert fused is not seg

@@ -1,0 +1,53 @@
+"""Edge export: ONNX with dynamic batch/height/width, int8 quantization, deployment report.
+
+* :func:`export_onnx` traces a :class:`~hybridvision.models.Segmenter` with the TorchScript exporter
+  (``dynamo=False``; no ``onnxscript`` needed), opset 18 by default (TransUNet's antialiased
+  bicubic resampling of its position embedding needs ``Resize``-18), dynamic batch, height and
+  width. The zoo computes its shape logic from tensor shapes while tracing (padding to the size
+  divisor, crop, Swin windows / shifts / masks, position-embedding grids), so one graph serves
+  every input size. The file is checked with ``onnx.checker`` and against PyTorch at a size that is
+  not a multiple of the size divisor, and carries metadata (class names, normalisation, channels,
+  size divisor, training crop, training scale `resize`) that :mod:`hybridvision.deploy.runtime` reads.
+* :func:`quantize_int8`: onnxruntime int8 (``quant_pre_process`` first; static QDQ for CNNs,
+  QDQ convolutions + dynamic MatMuls for attention models; classifier head, logits, LayerNorm and
+  Softmax in float), calibrated on what the deployed model sees (:func:`deployment_inputs`: the
+  runtime predictor's own scale and windows); :func:`int8_agreement` compares it with fp32 the
+  same way.
+* :func:`deployment_report`: params, GMACs, file size, latency (PyTorch eager and onnxruntime CPU,
+  batch 1, median and spread), peak memory (measured in a fresh process per model) and mIoU per
+  model, to ``report.json`` / ``.md`` / ``.png``.
+"""
+
+from __future__ import annotations
+
+from .onnx import DEFAULT_OPSET, ExportError, check_size, export_onnx, verify_onnx
+from .quantize import (
+    attention_nodes,
+    deployment_inputs,
+    exact_ties,
+    float_sources,
+    has_attention,
+    head_nodes,
+    int8_agreement,
+    quantize_int8,
+)
+from .report import cpu_name, deployment_report, peak_memory
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "cpu_name",
+    "ExportError",
+    "export_onnx",
+    "verify_onnx",
+    "quantize_int8",
+    "float_sources",
+    "head_nodes",
+    "attention_nodes",
+    "has_attention",
+    "exact_ties",
+    "deployment_inputs",
+    "int8_agreement",
+    "deployment_report",
+    "peak_memory",
+    "check_size",
+]

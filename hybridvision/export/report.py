@@ -1,0 +1,400 @@
+"""The deployment report: params, GMACs, file size, latency, peak memory and mIoU of each model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..deploy.runtime import (
+    OnnxSegmenter,
+    labels_from_scores,
+    scores_at_scale,
+)
+from ..deploy.runtime import predict_sliding_window as np_predict_sliding_window
+from ..deploy.runtime import predict_whole as np_predict_whole
+from ..models.profile import count_gmacs
+from .onnx import unwrap_segmenter
+from .quantize import as_array
+
+_logger = logging.getLogger(__name__)
+
+
+def _onnx_params(path: Path) -> int:
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    total = 0
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind in "fiu" and arr.ndim >= 1 and arr.size > 1:
+            total += arr.size
+    return total
+
+
+#: Run in a fresh interpreter by :func:`peak_memory`: load one model, make its input, reset the
+#: resident-set high-water mark (``/proc/self/clear_refs``), run one forward, print the figures.
+_PEAK_MEMORY_CHILD = r"""
+import json, sys
+import numpy as np
+
+def status_mib(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    raise OSError(f"no {field} in /proc/self/status")
+
+args = json.loads(sys.argv[1])
+x = np.random.default_rng(0).standard_normal(args["shape"]).astype(np.float32)
+if args["kind"] == "onnx":
+    from hybridvision.deploy.runtime import OnnxSegmenter
+
+    runner = OnnxSegmenter(args["path"], threads=args["threads"])
+    forward = lambda: runner(x)
+else:
+    import torch
+
+    torch.set_num_threads(args["threads"])
+    module = torch.load(args["path"], weights_only=False).eval()
+    xt = torch.from_numpy(x)
+
+    def forward():
+        with torch.no_grad():
+            module(xt)
+
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # Linux >= 4.0: VmHWM := VmRSS
+baseline = status_mib("VmRSS")
+forward()
+print(json.dumps({"baseline_mib": baseline, "peak_mib": status_mib("VmHWM")}))
+"""
+
+
+def peak_memory(
+    model: nn.Module | str | os.PathLike, shape: Sequence[int], threads: int = 1, timeout: float = 600
+) -> dict[str, float]:
+    """Resident memory of one forward pass, measured in a fresh Python process (Linux).
+
+    A fresh process, because in this one the allocators already hold the pages a forward needs
+    (the latency runs touched them), so the high-water mark would not move.
+
+    Args:
+        model: a module (PyTorch eager, pickled to the child) or an ``.onnx`` path (onnxruntime CPU).
+        shape: input (N, C, H, W); standard-normal values.
+        threads: PyTorch / onnxruntime intra-op threads.
+        timeout: seconds before the measurement is abandoned.
+
+    Returns:
+        ``peak_rss_mib`` (the process's resident high-water mark during the forward: runtime,
+        weights and activations) and ``forward_mib`` (how far the forward raised it above the
+        resident memory just before it).
+
+    Raises:
+        RuntimeError: the child failed (e.g. no ``/proc``); the message ends with its last error line.
+    """
+    root = str(Path(__file__).resolve().parents[1])  # the child imports this package from here
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(model, nn.Module):
+            path, kind = Path(tmp) / "model.pt", "torch"
+            torch.save(model, path)
+        else:
+            path, kind = Path(model).resolve(), "onnx"
+        args = {"kind": kind, "path": str(path), "shape": [int(s) for s in shape], "threads": int(threads)}
+        proc = subprocess.run(
+            [sys.executable, "-c", _PEAK_MEMORY_CHILD, json.dumps(args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise RuntimeError(f"peak-memory measurement of {kind} model failed: {last}")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        "peak_rss_mib": figures["peak_mib"],
+        "forward_mib": figures["peak_mib"] - figures["baseline_mib"],
+    }
+
+
+def _time(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = np.percentile(times, [25, 75])
+    return {
+        "median_ms": statistics.median(times),
+        "p25_ms": float(q[0]),
+        "p75_ms": float(q[1]),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "runs": runs,
+    }
+
+
+def deployment_report(
+    out_dir: str | os.PathLike,
+    entries: Sequence[dict[str, Any]],
+    eval_data: Sequence[dict[str, Any]],
+    num_classes: int,
+    ignore_index: int = 255,
+    *,
+    train_crop: Sequence[int] = (256, 256),
+    full_size: Sequence[int] | None = None,
+    eval_mode: str = "whole",
+    window: Sequence[int] | None = None,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int = 1,
+    class_names: Sequence[str] | None = None,
+    max_eval_images: int | None = None,
+    resize: Sequence[int] | None = None,
+    measure_memory: bool = True,
+) -> dict[str, Any]:
+    """Compare models for deployment and write ``report.json``, ``report.md`` and ``report.png``.
+
+    Args:
+        out_dir: where the three files go.
+        entries: ``{"name": str, "model": nn.Module}`` (PyTorch eager) or ``{"name": str, "onnx":
+            path}`` (onnxruntime CPU; an optional ``"model"`` next to it gives the GMACs of the graph's
+            source model).
+        eval_data: samples ``{"image": (C, H, W) normalised, "mask": (H, W)}`` (e.g. finetune's
+            evaluation dataset built by ``build_labelled_datasets``).
+        num_classes: K (1 = binary).
+        ignore_index: mask value left out of the metrics.
+        train_crop: (H, W) of the crop latency and the GMACs.
+        full_size: (H, W) of the full-image latency; default: the first evaluation image's size.
+        eval_mode: ``"whole"`` or ``"slide"`` (window ``window`` or ``train_crop``, Gaussian blend).
+        runs: timed runs per latency figure (after ``warmup`` untimed ones).
+        threads: CPU threads for both PyTorch and onnxruntime.
+        class_names: for the per-class IoU in the JSON.
+        max_eval_images: evaluate on the first N samples only.
+        resize: evaluation scale ``[short_side, max_long_side]`` (``data.resize``): every model
+            predicts each image rescaled to it, scores resized back to the mask; None: native.
+        measure_memory: measure each model's peak memory of a full-image forward in a fresh process
+            (:func:`peak_memory`, a few seconds per model); False: the figures are None.
+
+    Returns:
+        The report dict (also written to ``report.json``).
+    """
+    from ..inference import predict_sliding_window, predict_whole
+    from ..metrics import ConfusionMatrix
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count = len(eval_data) if max_eval_images is None else min(len(eval_data), max_eval_images)
+    samples = [eval_data[i] for i in range(count)]  # by index: datasets need not stop iteration
+    if not samples:
+        raise ValueError("deployment_report needs at least one evaluation sample")
+    crop = (int(train_crop[0]), int(train_crop[1]))
+    first = as_array(samples[0]["image"])
+    full = tuple(int(s) for s in (full_size or first.shape[-2:]))
+    in_chans = first.shape[0]
+    win = tuple(window or crop)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    try:
+        for entry in entries:
+            name = entry["name"]
+            module = entry.get("model")
+            onnx_path = entry.get("onnx")
+            row: dict[str, Any] = {
+                "name": name,
+                "runtime": "onnxruntime-cpu" if onnx_path else "pytorch-eager",
+            }
+            if onnx_path:
+                runner = OnnxSegmenter(onnx_path, threads=threads)
+                row["precision"] = runner.metadata.get("precision", "fp32")
+                row["onnx_file_mb"] = Path(onnx_path).stat().st_size / 2**20
+                # the source model's count when given; else weights in the graph (BN folded into convs)
+                row["params"] = (
+                    sum(p.numel() for p in unwrap_segmenter(module).parameters())
+                    if module is not None
+                    else _onnx_params(Path(onnx_path))
+                )
+
+                def forward(x: np.ndarray, runner: OnnxSegmenter = runner) -> np.ndarray:
+                    return runner(x)
+
+                def scores(x: np.ndarray, forward: Callable = forward) -> np.ndarray:
+                    if eval_mode == "slide":
+                        return np_predict_sliding_window(forward, x, win, blend="gaussian")
+                    return np_predict_whole(forward, x)
+
+            else:
+                if module is None:
+                    raise ValueError(f"report entry {name!r} needs 'model' or 'onnx'")
+                module = unwrap_segmenter(module).eval().cpu()
+                row["precision"] = "fp32"
+                row["onnx_file_mb"] = None
+                row["params"] = sum(p.numel() for p in module.parameters())
+
+                def forward(x: np.ndarray, module: nn.Module = module) -> np.ndarray:
+                    with torch.no_grad():
+                        return module(torch.from_numpy(x)).numpy()
+
+                def scores(x: np.ndarray, module: nn.Module = module) -> np.ndarray:
+                    t = torch.from_numpy(x)
+                    if eval_mode == "slide":
+                        s = predict_sliding_window(module, t, win, blend="gaussian", output="logits")
+                    else:
+                        s = predict_whole(module, t, output="logits")
+                    # the runtime's convention (what scores_at_scale expects): probabilities for
+                    # K >= 2 (torch's "logits" are their log), logits for K = 1
+                    return (s.exp() if s.shape[1] > 1 else s).numpy()
+
+            source = module if module is not None else None
+            row["gmacs_train_crop"] = (
+                count_gmacs(unwrap_segmenter(source), in_chans, crop) if source is not None else None
+            )
+            # latency at batch 1: the training crop and a full image
+            rng = np.random.default_rng(0)
+            for label, size in (("train_crop", crop), ("full_image", full)):
+                x = rng.standard_normal((1, in_chans, *size)).astype(np.float32)
+                row[f"latency_{label}"] = {"size": list(size), **_time(lambda x=x: forward(x), runs, warmup)}
+            # peak memory of one full-image forward, in a fresh process
+            row["peak_rss_mib"] = row["peak_above_baseline_mib"] = None
+            if measure_memory:
+                try:
+                    mem = peak_memory(onnx_path or module, (1, in_chans, *full), threads)
+                    row["peak_rss_mib"] = mem["peak_rss_mib"]
+                    row["peak_above_baseline_mib"] = mem["forward_mib"]
+                except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                    _logger.warning("%s: no peak-memory figure (%s)", name, exc)
+            # accuracy
+            cm = ConfusionMatrix(num_classes, ignore_index, class_names=class_names)
+            for sample in samples:
+                img = as_array(sample["image"]).astype(np.float32)
+                s = scores_at_scale(scores, img, resize)  # as the runtime's OnnxPredictor does
+                cm.update(
+                    torch.from_numpy(labels_from_scores(s)),
+                    torch.as_tensor(np.array(as_array(sample["mask"]), dtype=np.int64))[None],
+                )
+            metrics = cm.compute()
+            row["miou"] = metrics["miou"]
+            row["iou"] = [None if v != v else v for v in metrics["iou"]]
+            rows.append(row)
+    finally:
+        torch.set_num_threads(previous_threads)
+    report = {
+        "eval": {
+            "images": len(samples),
+            "mode": eval_mode,
+            "window": list(win) if eval_mode == "slide" else None,
+            "resize": list(resize) if resize else None,
+        },
+        "threads": threads,
+        "cpu": cpu_name(),
+        "entries": rows,
+    }
+    from ..io import write_json_atomic
+
+    write_json_atomic(out_dir / "report.json", report)
+    (out_dir / "report.md").write_text(_report_markdown(report))
+    _report_png(rows, out_dir / "report.png")
+    return report
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read()
+        name = next(
+            (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?"
+        )
+        flags = set(
+            next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+        )
+        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+        return f"{name} ({', '.join(isa) or 'no avx2'}), {os.cpu_count()} logical CPUs"
+    except OSError:
+        return "unknown"
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _report_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Deployment report",
+        "",
+        f"CPU: {report['cpu']}; {report['threads']} thread(s); batch 1; mIoU on {report['eval']['images']} "
+        f"evaluation images ({report['eval']['mode']}).",
+        "",
+        "| model | runtime | precision | params (M) | GMACs (crop) | file (MB) | crop latency ms (p25-p75) "
+        "| full-image latency ms (p25-p75) | peak memory of a full-image forward, MiB (forward's own) | mIoU |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["entries"]:
+        c, f = r["latency_train_crop"], r["latency_full_image"]
+        lines.append(
+            f"| {r['name']} | {r['runtime']} | {r['precision']} | {r['params'] / 1e6:.2f} | "
+            f"{_fmt(r['gmacs_train_crop'])} | {_fmt(r['onnx_file_mb'], '.2f')} | "
+            f"{c['median_ms']:.2f} ({c['p25_ms']:.2f}-{c['p75_ms']:.2f}) @ {c['size'][0]}x{c['size'][1]} | "
+            f"{f['median_ms']:.2f} ({f['p25_ms']:.2f}-{f['p75_ms']:.2f}) @ {f['size'][0]}x{f['size'][1]} | "
+            f"{_fmt(r['peak_rss_mib'], '.0f')} (+{_fmt(r['peak_above_baseline_mib'], '.1f')}) | {r['miou']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _report_png(rows: Sequence[dict[str, Any]], path: Path, size: tuple[int, int] = (720, 480)) -> None:
+    """mIoU against full-image latency, one labelled point per model (Pillow only)."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 70, 30, 40, 60
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    xs = [r["latency_full_image"]["median_ms"] for r in rows]
+    ys = [r["miou"] for r in rows]
+    x0, x1 = 0.0, max(xs) * 1.15 if xs else 1.0
+    y_lo, y_hi = min(ys), max(ys)
+    pad = max((y_hi - y_lo) * 0.2, 0.02)
+    y0, y1 = max(0.0, y_lo - pad), min(1.0, y_hi + pad)
+    if y1 <= y0:
+        y0, y1 = 0.0, 1.0
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (
+            h - top - bottom
+        )
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(6):
+        xv, yv = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        gx, _ = px(xv, y0)
+        _, gy = px(x0, yv)
+        draw.line([gx, h - bottom, gx, h - bottom + 5], fill="black")
+        draw.text((gx - 12, h - bottom + 8), f"{xv:.1f}", fill="black")
+        draw.line([left - 5, gy, left, gy], fill="black")
+        draw.text((8, gy - 6), f"{yv:.3f}", fill="black")
+    draw.text((w // 2 - 110, h - 22), "full-image latency, batch 1 (ms, median)", fill="black")
+    draw.text((8, 10), "mIoU against latency (up and to the left is better)", fill="black")
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    for i, (r, xv, yv) in enumerate(zip(rows, xs, ys)):
+        cx, cy = px(xv, yv)
+        c = colours[i % len(colours)]
+        draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=c, outline="black")
+        draw.text((cx + 8, cy - 18 if i % 2 == 0 else cy + 6), r["name"], fill=c)  # alternate: no overlap
+    img.save(path)
