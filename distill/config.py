@@ -59,6 +59,20 @@ class StudentConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # encoder overrides
     init: str = ""  # '' (scratch) | pretrain encoder dir | model dir | hub id | timm weights file
     init_strict: bool = True  # shape mismatches at init are errors (false: skip and list them)
+    prune: float = 0.0  # fraction of conv channels removed before distilling (0: off; see docs/stages.md)
+    prune_importance: Literal["magnitude", "taylor"] = "magnitude"  # channel criterion: L2 norm | Taylor
+    prune_batches: int = 2  # training batches whose gradients give the Taylor importance
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prune < 1.0:
+            raise ConfigError(f"student.prune must be in [0, 1), got {self.prune}")
+        if self.prune_batches < 1:
+            raise ConfigError(f"student.prune_batches must be >= 1, got {self.prune_batches}")
+        if self.prune > 0 and not self.init and (self.decoder or self.decoder_kwargs or self.overrides):
+            raise ConfigError(
+                "student.prune > 0 without student.init prunes a copy of the teacher, whose architecture "
+                "is fixed: leave student.decoder / decoder_kwargs / overrides unset, or set student.init"
+            )
 
 
 @dataclass

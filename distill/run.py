@@ -28,22 +28,38 @@ from hybridvision.config import cli_main, config_to_dict  # noqa: E402
 
 
 def build_student(cfg: DistillConfig, engine):
+    """The student: ``student.*`` as built, or with ``student.prune`` a pruned copy of the teacher.
+
+    ``student.prune > 0`` without ``student.init`` starts from the teacher (``student.name`` is not
+    used); a resumed pruned run rebuilds the pruned shapes from the checkpoint's exported model.
+    """
     from hybridvision.models.transfer import build_segmenter
 
     d, s = cfg.data, cfg.student
+    resume = engine.resume_checkpoint
+    if s.prune > 0 and resume is not None:  # the pruned architecture is the checkpoint's
+        from hybridvision.models import from_pretrained
+
+        return from_pretrained(resume / "export")
+    from_teacher = s.prune > 0 and not s.init
     student, report = build_segmenter(
-        s.name,
+        "" if from_teacher else s.name,
         d.num_classes,
         d.in_chans,
-        init=s.init,
+        init=cfg.teacher if from_teacher else s.init,
         strict=s.init_strict,
         decoder=s.decoder or None,
         decoder_kwargs=s.decoder_kwargs or None,
         overrides=s.overrides,
         input_size=tuple(d.image_size),
     )
-    if engine.resume_checkpoint is None:  # else the weights come from the checkpoint
-        engine.print(f"student {s.name}: " + report.summary())
+    if resume is None:  # else the weights come from the checkpoint
+        name = f"{student.build_kwargs['name']} (a copy of the teacher)" if from_teacher else s.name
+        engine.print(f"student {name}: " + report.summary())
+    if s.prune > 0:
+        from distill.prune import prune_student
+
+        engine.print(prune_student(student, cfg).summary())
     return student
 
 

@@ -2,7 +2,8 @@
 
 A model directory holds ``model.safetensors`` and ``config.json``::
 
-    {"hybridvision": {"kind": "encoder" | "segmenter", "build": {...create_* kwargs...}},
+    {"hybridvision": {"kind": "encoder" | "segmenter", "build": {...create_* kwargs...},
+                      "pruned": {...layer shapes structured pruning changed (pruned models only)...}},
      "extra": {...anything the caller adds: objective, run config...}}
 
 ``from_pretrained`` also accepts a directory written by transformers'
@@ -22,6 +23,7 @@ from torch import nn
 
 from ..io import atomic_dir
 from .base import Encoder, Segmenter
+from .prune import PRUNED_ATTRIBUTE, apply_pruned_shapes
 from .weights import load_safetensors, load_state_dict_file, resolve_model_dir
 
 __all__ = [
@@ -62,6 +64,8 @@ def save_pretrained(
         raise ValueError("model has no build_kwargs: build it with create_encoder/create_segmenter")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = {FORMAT_KEY: {"kind": kind, "build": model.build_kwargs}, "extra": extra or {}}
+    if getattr(model, PRUNED_ATTRIBUTE, None):  # structurally pruned: the factory's shapes no longer hold
+        config[FORMAT_KEY]["pruned"] = getattr(model, PRUNED_ATTRIBUTE)
     with atomic_dir(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         with open(tmp / CONFIG_NAME, "w") as fh:
@@ -221,6 +225,8 @@ def from_pretrained(path_or_id: str | os.PathLike, map_location: str = "cpu") ->
         model = create_encoder(name, **build)
     else:
         raise ValueError(f"{directory / CONFIG_NAME}: unknown kind {meta['kind']!r}")
+    if meta.get("pruned"):  # structurally pruned: re-shape the pruned layers before loading
+        apply_pruned_shapes(model, meta["pruned"])
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found")
