@@ -77,7 +77,12 @@ class StudentConfig:
 
 @dataclass
 class KDConfig:
-    """Distillation terms: total = task_weight · task + Σ weights[k] · term_k."""
+    """Distillation terms: total = task_weight · task + Σ weights[k] · term_k.
+
+    Self-training (Noisy Student, FixMatch): ``student_augment=strong`` gives the student a
+    photometric strong view of the teacher's batch (``distill/augment.py``), and
+    ``confidence_threshold`` drops the unlabelled pixels the teacher is unsure of from kd and dist.
+    """
 
     task_weight: float = 0.7  # weight of the task (segmentation) loss on labelled pixels
     weights: dict[str, float] = field(
@@ -95,6 +100,8 @@ class KDConfig:
     )  # student encoder stages distilled by `feature` (each paired with the teacher stage of nearest stride)
     feature_norm: Literal["channel", "none"] = "channel"  # per-channel standardisation before the MSE
     teacher_dtype: Literal["fp32", "bf16"] = "fp32"  # teacher forward precision (bf16: autocast)
+    student_augment: Literal["none", "strong"] = "none"  # student input: the teacher's, or a strong view
+    confidence_threshold: float = 0.0  # teacher confidence below which unlabelled pixels leave kd/dist
 
     def __post_init__(self) -> None:
         known = {"kd", "cwd", "dist", "feature"}
@@ -106,6 +113,8 @@ class KDConfig:
         for name in ("temperature", "cwd_tau", "dist_tau"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"kd.{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.confidence_threshold < 1.0:
+            raise ConfigError(f"kd.confidence_threshold must be in [0, 1), got {self.confidence_threshold}")
 
     def active(self) -> dict[str, float]:
         """Terms with a positive weight."""
@@ -116,8 +125,10 @@ class KDConfig:
 class ExportConfig:
     """Edge export of the student at the end of the run."""
 
-    onnx: bool = True  # write <output_dir>/student.onnx (dynamic batch, height, width)
-    int8: bool = False  # also a static int8 (QDQ) model calibrated on training images
+    onnx: bool = True  # export at all: <output_dir>/student.onnx (dynamic sizes), every target's source
+    # runtimes written and measured: onnx (onnxruntime) | openvino (student.xml + .bin, from student.onnx)
+    targets: list[Literal["onnx", "openvino"]] = field(default_factory=lambda: ["onnx"])
+    int8: bool = False  # also int8 per target, calibrated on training images: ORT static QDQ | NNCF
     calibration_images: int = 32  # training images used to calibrate int8
     report: bool = True  # report.json / report.md / report.png: teacher vs student, PyTorch vs ONNX
     report_runs: int = 10  # timed runs per latency figure
@@ -129,6 +140,8 @@ class ExportConfig:
             raise ConfigError(f"export.opset must be >= 17, got {self.opset}")
         if self.int8 and not self.onnx:
             raise ConfigError("export.int8=true needs export.onnx=true (int8 quantizes the fp32 ONNX model)")
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"export.targets must list onnx and/or openvino once each, got {self.targets}")
         if self.calibration_images < 1 or self.report_runs < 1 or self.report_images < 0:
             raise ConfigError("export.calibration_images and export.report_runs must be >= 1")
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "as_two_class",
     "align_logits",
+    "confident_pixels",
     "kd_loss",
     "cwd_loss",
     "dist_loss",
@@ -82,6 +83,31 @@ def align_logits(
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     return resize(student), resize(teacher)
+
+
+def confident_pixels(teacher: Tensor, threshold: float) -> Tensor:
+    """Pixels where the teacher is confident: its largest class probability is at least ``threshold``.
+
+    The probabilities are the teacher's own (temperature 1, not the softened KD targets); a 1-logit
+    binary model's are ``max(p, 1 − p)`` with ``p = sigmoid(z)`` (read through :func:`as_two_class`).
+    FixMatch (Sohn et al., NeurIPS 2020) keeps a pseudo-label where this is above 0.95.
+
+    Args:
+        teacher: (B, K, H, W) teacher logits.
+        threshold: the confidence a pixel needs, in [0, 1).
+
+    Returns:
+        (B, H, W) bool.
+    """
+    probs = F.softmax(as_two_class(teacher.detach().float()), dim=1)  # (B, max(K, 2), H, W)
+    return probs.amax(dim=1) >= threshold
+
+
+def _resize_mask(mask: Tensor, size: tuple[int, ...]) -> Tensor:
+    """(B, h, w) bool -> (B, H, W) bool on the grid ``size`` (nearest)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask.bool()
+    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0] > 0.5
 
 
 def _valid_weights(valid: Tensor | None, like: Tensor) -> Tensor | None:
@@ -383,13 +409,17 @@ class FeatureDistiller(nn.Module):
 
 
 class DistillOutput:
-    """Result of :class:`DistillCriterion`: the total to back-propagate and every term for logging."""
+    """Result of :class:`DistillCriterion`: the total to back-propagate, every term for logging, and
+    statistics that are not losses (``confident_fraction`` with ``kd.confidence_threshold > 0``)."""
 
-    __slots__ = ("total", "terms")
+    __slots__ = ("total", "terms", "stats")
 
-    def __init__(self, total: Tensor, terms: dict[str, Tensor]) -> None:
+    def __init__(
+        self, total: Tensor, terms: dict[str, Tensor], stats: dict[str, Tensor] | None = None
+    ) -> None:
         self.total = total
         self.terms = terms
+        self.stats = stats or {}
 
 
 class DistillCriterion(nn.Module):
@@ -406,6 +436,19 @@ class DistillCriterion(nn.Module):
             (its adapters train with the student; the criterion holds no parameters).
         gather_distributed: KD, CWD and DIST's inter-class term average over the pixels (images) of
             every process; DIST's intra-class term is per process (see the module docstring).
+
+    Self-training (Noisy Student, Xie et al. 2020; FixMatch, Sohn et al. 2020):
+
+    * ``kd.confidence_threshold > 0``: on **unlabelled** samples, pixels where the teacher's largest
+      class probability (:func:`confident_pixels`) is below the threshold leave the ``kd`` and
+      ``dist`` terms, numerator and normaliser alike (KD then averages over the confident pixels).
+      Labelled samples keep every valid pixel: their ground truth already drives the task loss, and
+      the teacher, trained on them, is rarely unsure there. ``cwd`` is left unmasked: its softmax
+      runs over space per channel, where one pixel's class confidence does not say whether the
+      channel's spatial distribution is trustworthy. ``confident_fraction`` (in :attr:`DistillOutput.stats`)
+      is the share of the distilled pixels the mask kept.
+    * ``kept`` (the strong augmentation's cutout, :mod:`distill.augment`): erased pixels leave the
+      task loss and every logit term: the teacher saw them, the student did not.
     """
 
     def __init__(
@@ -428,6 +471,7 @@ class DistillCriterion(nn.Module):
         self.dist_tau, self.dist_beta, self.dist_gamma = kd.dist_tau, kd.dist_beta, kd.dist_gamma
         self.dist_tau_squared = kd.dist_tau_squared
         self.resize_to = kd.resize_to
+        self.confidence_threshold = float(kd.confidence_threshold)
         self.feature_loss = feature_loss
         self.gather_distributed = gather_distributed
 
@@ -439,6 +483,7 @@ class DistillCriterion(nn.Module):
         labelled: Tensor | None = None,
         student_adapted: Sequence[Tensor] = (),
         teacher_feats: Sequence[Tensor] = (),
+        kept: Tensor | None = None,
     ) -> DistillOutput:
         """Args:
         student_logits: (B, K, Hs, Ws); teacher_logits: (B, K, Ht, Wt) (None when no logit term is on).
@@ -446,9 +491,15 @@ class DistillCriterion(nn.Module):
         labelled: (B,) bool, False for unlabelled images (every pixel then counts for the KD terms).
         student_adapted: the student's adapted features (:meth:`FeatureDistiller.adapt`).
         teacher_feats: the teacher encoder's features.
+        kept: (B, H', W') bool, False where the student's input was erased (excluded everywhere);
+            None: every pixel.
         """
         terms: dict[str, Tensor] = {}
+        stats: dict[str, Tensor] = {}
         total = student_logits.new_zeros((), dtype=torch.float32)
+        if kept is not None:
+            kept = _resize_mask(kept, tuple(target.shape[-2:]))
+            target = target.masked_fill(~kept, self.ignore_index)
         if self.task_weight > 0:
             task = self.task(student_logits, target)
             terms["task"] = task.total
@@ -461,12 +512,23 @@ class DistillCriterion(nn.Module):
             valid = target != self.ignore_index
             if labelled is not None:
                 valid = valid | ~labelled.bool().view(-1, 1, 1)
+            if kept is not None:  # unlabelled rows too: erased pixels leave every term
+                valid = valid & kept
             if tuple(valid.shape[-2:]) != tuple(s.shape[-2:]):
                 valid = _valid_weights(valid, s) > 0
+            pixel_valid = valid  # kd and dist: valid pixels the teacher is confident about
+            if self.confidence_threshold > 0:
+                sure = confident_pixels(t, self.confidence_threshold)
+                if labelled is not None:
+                    sure = sure | labelled.bool().view(-1, 1, 1)  # only unlabelled samples are masked
+                else:  # every sample is labelled: nothing to mask
+                    sure = torch.ones_like(sure)
+                pixel_valid = valid & sure
+                stats["confident_fraction"] = pixel_valid.sum() / valid.sum().clamp_min(1)
             gather = self.gather_distributed
             for name in logit_terms:
                 if name == "kd":
-                    value = kd_loss(s, t, self.temperature, valid, gather)
+                    value = kd_loss(s, t, self.temperature, pixel_valid, gather)
                 elif name == "cwd":
                     value = cwd_loss(s, t, self.cwd_tau, valid, gather)
                 else:
@@ -476,7 +538,7 @@ class DistillCriterion(nn.Module):
                         self.dist_tau,
                         self.dist_beta,
                         self.dist_gamma,
-                        valid,
+                        pixel_valid,
                         self.dist_tau_squared,
                         gather_distributed=gather,
                     )
@@ -486,4 +548,4 @@ class DistillCriterion(nn.Module):
             value = self.feature_loss(student_adapted, teacher_feats)
             terms["feature"] = value
             total = total + self.weights["feature"] * value
-        return DistillOutput(total, terms)
+        return DistillOutput(total, terms, stats)
