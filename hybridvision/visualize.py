@@ -9,17 +9,10 @@ __all__ = ["palette", "colorize", "to_display", "overlay", "image_grid"]
 
 
 def palette(num_colors: int = 256) -> Tensor:
-    """The PASCAL VOC bit-interleaved palette: (num_colors, 3) uint8, distinct for nearby indices."""
-    out = torch.zeros(num_colors, 3, dtype=torch.uint8)
-    for i in range(num_colors):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out[i] = torch.tensor([r, g, b], dtype=torch.uint8)
-    return out
+    """The PASCAL VOC bit-interleaved palette: (num_colors, 3) uint8 (the runtime's, as a tensor)."""
+    from .deploy.visual import palette as numpy_palette
+
+    return torch.from_numpy(numpy_palette(num_colors))
 
 
 _PALETTE = palette()

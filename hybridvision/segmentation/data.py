@@ -11,7 +11,7 @@ from ..data.from_config import build_labelled_datasets, labelled_subset
 from ..data.transforms import build_seg_transforms
 from .config import AugmentConfig
 
-__all__ = ["SegmentationData", "build_data", "labelled_line"]
+__all__ = ["SegmentationData", "build_data", "eval_transform", "labelled_line"]
 
 
 class SegmentationData(NamedTuple):
@@ -25,6 +25,19 @@ class SegmentationData(NamedTuple):
     labelled_ids: list[str] | None = None
     #: the rest of the labelled split (labels unused), for distillation's unlabelled images
     unlabelled_rest: Dataset | None = None
+
+
+def eval_transform(d: DataConfig) -> Any:
+    """The evaluation transform: no augmentation, normalised, each image at its own size (the
+    predictor applies the recorded scale). Evaluation and int8 calibration share it."""
+    return build_seg_transforms(
+        False,
+        None,
+        in_chans=d.in_chans,
+        normalize=d.normalization,
+        window=d.window,
+        ignore_index=d.ignore_index,
+    )
 
 
 def build_data(cfg: Any) -> SegmentationData:
@@ -50,14 +63,7 @@ def build_data(cfg: Any) -> SegmentationData:
         ignore_index=d.ignore_index,
         resize=d.resize_scale,
     )
-    eval_tf = build_seg_transforms(
-        False,
-        None,
-        in_chans=d.in_chans,
-        normalize=d.normalization,
-        window=d.window,
-        ignore_index=d.ignore_index,
-    )
+    eval_tf = eval_transform(d)
     full, val_set = build_labelled_datasets(d, train_tf, eval_tf, seed=cfg.train.seed)
     train_set, ids = labelled_subset(full, d, cfg.train.seed)
     rest = None

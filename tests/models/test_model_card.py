@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
 from hybridvision.models import create_segmenter, save_pretrained
+from tests.hub_cache import add_to_hub_cache
 
 
 def test_model_card_says_what_was_trained_on_what(tmp_path):
@@ -36,12 +36,9 @@ def test_model_card_says_what_was_trained_on_what(tmp_path):
 def test_our_model_loads_by_hub_id_from_the_cache_offline(tmp_path):
     seg = create_segmenter("unet_resnet_nano", num_classes=2)
     save_pretrained(seg, tmp_path / "model")
-    snap = tmp_path / "cache" / "models--someone--roads-unet" / "snapshots" / ("1" * 40)
-    snap.mkdir(parents=True)
-    (tmp_path / "cache" / "models--someone--roads-unet" / "refs").mkdir()
-    (tmp_path / "cache" / "models--someone--roads-unet" / "refs" / "main").write_text("1" * 40)
-    for name in ("config.json", "model.safetensors", "README.md"):
-        shutil.copy(tmp_path / "model" / name, snap / name)
+    add_to_hub_cache(
+        tmp_path / "cache", "someone/roads-unet", tmp_path / "model", ("config.json", "model.safetensors")
+    )
     code = (
         "import torch\nfrom hybridvision.models import from_pretrained\n"
         "m = from_pretrained('someone/roads-unet')\n"

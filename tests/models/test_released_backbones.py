@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ timm = pytest.importorskip("timm")
 from hybridvision.models import create_encoder, create_segmenter, from_pretrained, save_pretrained  # noqa: E402
 from hybridvision.models.registry import UnknownModelError  # noqa: E402
 from hybridvision.models.transfer import build_encoder, build_segmenter  # noqa: E402
+from tests.hub_cache import add_to_hub_cache  # noqa: E402
 
 #: (architecture, img_size for models timm builds at a fixed size); one per family of the table
 FAMILIES = [
@@ -218,13 +218,9 @@ def test_timm_checkpoint_of_another_architecture_is_one_line(tmp_path):
 def test_hub_id_resolves_from_the_cache_with_no_network(tmp_path):
     """A timm tag in the Hugging Face cache layout loads with HF_HUB_OFFLINE=1 (a fresh process)."""
     _, release = _timm_release(tmp_path)
-    repo = tmp_path / "cache" / "models--timm--fastvit_t8.test_in1k"
-    snap = repo / "snapshots" / ("0" * 40)
-    snap.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(release / name, snap / name)
+    add_to_hub_cache(
+        tmp_path / "cache", "timm/fastvit_t8.test_in1k", release, ("config.json", "model.safetensors")
+    )
     code = (
         "from hybridvision.models.transfer import build_segmenter\n"
         "m, r = build_segmenter('', 2, 3, init='timm/fastvit_t8.test_in1k')\n"

@@ -9,13 +9,13 @@ PyTorch-free predictor slides windows of the fixed size over larger images.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.hub_cache import add_to_hub_cache
 from tests.stages._util import QUIET, run_stage, tiny_finetune_args, tiny_pretrain_args
 
 timm = pytest.importorskip("timm")
@@ -31,13 +31,9 @@ def hub_cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
     save_for_hf(timm.create_model("levit_128s", img_size=64), str(root / "release"), safe_serialization=True)
-    repo = root / "cache" / "models--timm--levit_128s.test"
-    snap = repo / "snapshots" / ("2" * 40)
-    snap.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("2" * 40)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(root / "release" / name, snap / name)
+    add_to_hub_cache(
+        root / "cache", "timm/levit_128s.test", root / "release", ("config.json", "model.safetensors")
+    )
     return root / "cache"
 
 
