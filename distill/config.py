@@ -125,8 +125,10 @@ class KDConfig:
 class ExportConfig:
     """Edge export of the student at the end of the run."""
 
-    onnx: bool = True  # write <output_dir>/student.onnx (dynamic batch, height, width)
-    int8: bool = False  # also a static int8 (QDQ) model calibrated on training images
+    onnx: bool = True  # export at all: <output_dir>/student.onnx (dynamic sizes), every target's source
+    # runtimes written and measured: onnx (onnxruntime) | openvino (student.xml + .bin, from student.onnx)
+    targets: list[Literal["onnx", "openvino"]] = field(default_factory=lambda: ["onnx"])
+    int8: bool = False  # also int8 per target, calibrated on training images: ORT static QDQ | NNCF
     calibration_images: int = 32  # training images used to calibrate int8
     report: bool = True  # report.json / report.md / report.png: teacher vs student, PyTorch vs ONNX
     report_runs: int = 10  # timed runs per latency figure
@@ -138,6 +140,8 @@ class ExportConfig:
             raise ConfigError(f"export.opset must be >= 17, got {self.opset}")
         if self.int8 and not self.onnx:
             raise ConfigError("export.int8=true needs export.onnx=true (int8 quantizes the fp32 ONNX model)")
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"export.targets must list onnx and/or openvino once each, got {self.targets}")
         if self.calibration_images < 1 or self.report_runs < 1 or self.report_images < 0:
             raise ConfigError("export.calibration_images and export.report_runs must be >= 1")
 

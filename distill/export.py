@@ -1,8 +1,9 @@
-"""Export a segmenter to ONNX for edge deployment (onnxruntime), optionally also as static int8.
+"""Export a segmenter for edge deployment: ONNX (onnxruntime) and OpenVINO IR, optionally also int8.
 
     python distill/export.py --model runs/distill/model --output runs/distill/model.onnx
     python distill/export.py --model runs/finetune/model --output out/model.onnx \\
         --int8 --calibration ../shared/data/camvid/images/train --calibration-count 32
+    python distill/export.py --model runs/distill/model --output out/model.onnx --targets onnx openvino
 
 ``--model`` is any ``from_pretrained`` segmenter directory (finetune's or distill's ``model/``).
 The ONNX graph has dynamic batch, height and width, is checked with ``onnx.checker`` and against
@@ -14,6 +15,12 @@ calibrated on the first N images of ``--calibration`` as the runtime predictor f
 model (normalised, at the recorded ``data.resize`` scale, in ``--mode``/``--window`` windows), and
 prints how often it agrees with fp32 on held-out images predicted the same way (``--eval-images``,
 default: the ``--calibration`` images after the first N).
+
+``--targets`` picks the runtimes (default ``onnx``): ``openvino`` adds ``<output>.xml`` + ``.bin``,
+an OpenVINO IR converted from the ONNX file (which is always written) with the same metadata and
+checked against onnxruntime; with ``--int8`` also ``<output>.int8.xml`` (NNCF post-training
+quantization on the same calibration inputs, classifier in float) and its agreement with the fp32
+IR. ``finetune/predict.py --model X.xml`` runs it (``pip install -e ".[openvino]"``).
 
 Exit status 2 with a one-line message for user errors (``HYBRIDVISION_DEBUG=1``: traceback).
 """
@@ -35,14 +42,29 @@ from hybridvision.deploy.runtime import (  # noqa: E402
     resolve_inputs,
 )
 
+#: ``--targets``: the runtimes an export is written for
+TARGETS = ("onnx", "openvino")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="segmenter directory (from_pretrained)")
     p.add_argument("--output", required=True, help="output .onnx file")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; TransUNet needs 18)")
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        choices=TARGETS,
+        default=["onnx"],
+        help="runtimes to export for: onnx (<output>) and/or openvino (<output>.xml + .bin); the ONNX "
+        "file is always written, as every target's source",
+    )
     p.add_argument("--train-crop", type=int, nargs=2, default=None, help="H W (default: data.image_size)")
-    p.add_argument("--int8", action="store_true", help="also write <output>.int8.onnx (int8 quantization)")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also int8 per target: <output>.int8.onnx (onnx), <output>.int8.xml (openvino)",
+    )
     p.add_argument("--calibration", default=None, help="image file or folder for int8 calibration")
     p.add_argument("--calibration-count", type=int, default=32, help="calibration images used (N)")
     p.add_argument(
@@ -76,15 +98,32 @@ def export_from_dir(
     mode: str = "slide",
     window: tuple[int, int] | None = None,
     eval_images: str | None = None,
+    targets: tuple[str, ...] = ("onnx",),
 ) -> dict:
     """Export (and quantize); returns a summary dict. Raises :class:`UserError` for user errors."""
-    from hybridvision.export import ExportError, deployment_inputs, export_onnx, int8_agreement, quantize_int8
+    from hybridvision.export import (
+        ExportError,
+        deployment_inputs,
+        export_onnx,
+        export_openvino,
+        int8_agreement,
+        openvino_path,
+        quantize_int8,
+        quantize_openvino_int8,
+    )
     from hybridvision.models import Segmenter, from_pretrained
 
     if output.suffix.lower() != ".onnx":
         raise UserError(f"--output {output} must end in .onnx")
     if int8 and not calibration:
         raise UserError("--int8 needs --calibration IMAGES (a folder or file of training images)")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise UserError(f"--targets {' '.join(targets)}: give one or more of {', '.join(TARGETS)}")
+    if "openvino" in targets:
+        from hybridvision.deploy.openvino_runtime import import_openvino
+
+        import_openvino()  # a missing extra is a one-line error before anything is written
     if calibration_count < 1:
         raise UserError(f"--calibration-count must be >= 1, got {calibration_count}")
     check_predict_options(mode, window, overlap=0.25, batch_size=1, tta_flips=())
@@ -107,6 +146,13 @@ def export_from_dir(
     except ExportError as exc:
         raise UserError(str(exc)) from exc
     summary = {"onnx": str(onnx_path), "onnx_mb": onnx_path.stat().st_size / 2**20, "train_crop": list(crop)}
+    ir = None
+    if "openvino" in targets:
+        try:
+            ir = export_openvino(onnx_path, openvino_path(output))
+        except ExportError as exc:
+            raise UserError(str(exc)) from exc
+        summary.update(openvino=str(ir), openvino_mb=_ir_mb(ir))
     if int8:
         files, _ = resolve_inputs(Path(calibration))
         in_chans = int(model.build_kwargs["in_chans"])
@@ -124,20 +170,33 @@ def export_from_dir(
         if mode == "slide":
             path["window"] = list(window or meta["train_crop"])
         inputs = deployment_inputs(onnx_path, images, **predictor)
-        q_path = quantize_int8(
-            onnx_path, int8_path(output), inputs, calibration_info={"images": len(images), **path}
-        )
-        agreement = int8_agreement(onnx_path, q_path, held_out or images, **predictor)
+        info = {"images": len(images), **path}
         summary.update(
-            int8=str(q_path),
-            int8_mb=q_path.stat().st_size / 2**20,
             calibration_images=len(images),
             calibration_inputs=len(inputs),
             deployment_path=path,
             agreement_images="held-out" if held_out else "calibration",
-            int8_agreement=agreement,
         )
+        if "onnx" in targets:
+            q_path = quantize_int8(onnx_path, int8_path(output), inputs, calibration_info=info)
+            summary.update(
+                int8=str(q_path),
+                int8_mb=q_path.stat().st_size / 2**20,
+                int8_agreement=int8_agreement(onnx_path, q_path, held_out or images, **predictor),
+            )
+        if ir is not None:
+            q_ir = quantize_openvino_int8(ir, openvino_path(int8_path(output)), inputs, calibration_info=info)
+            summary.update(
+                openvino_int8=str(q_ir),
+                openvino_int8_mb=_ir_mb(q_ir),
+                openvino_int8_agreement=int8_agreement(ir, q_ir, held_out or images, **predictor),
+            )
     return summary
+
+
+def _ir_mb(xml: Path) -> float:
+    """Size of an OpenVINO IR: ``.xml`` + ``.bin``."""
+    return (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 2**20
 
 
 def read_images(files: list[Path], in_chans: int) -> list:
@@ -165,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             mode=args.mode,
             window=tuple(args.window) if args.window else None,
             eval_images=args.eval_images,
+            targets=tuple(args.targets),
         )
     except UserError as exc:
         if os.environ.get("HYBRIDVISION_DEBUG") == "1":
@@ -172,20 +232,28 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     print(f"wrote {summary['onnx']} ({summary['onnx_mb']:.2f} MB, checked against PyTorch)")
-    if "int8" in summary:
-        path, agree = summary["deployment_path"], summary["int8_agreement"]
+    if "openvino" in summary:
+        print(
+            f"wrote {summary['openvino']} + .bin ({summary['openvino_mb']:.2f} MB, checked against onnxruntime)"
+        )
+    if "deployment_path" in summary:
+        path = summary["deployment_path"]
         how = f"{path['mode']}" + (
             f" {path['window'][0]}x{path['window'][1]} windows" if "window" in path else ""
         )
         how += f" at scale {path['resize']}" if path["resize"] else " at native scale"
+    for key, runtime in (("int8", ""), ("openvino_int8", "OpenVINO ")):
+        if key not in summary:
+            continue
+        agree = summary[f"{key}_agreement"]
         print(
-            f"wrote {summary['int8']} ({summary['int8_mb']:.2f} MB), calibrated on {summary['calibration_images']} "
+            f"wrote {summary[key]} ({summary[f'{key}_mb']:.2f} MB), calibrated on {summary['calibration_images']} "
             f"images as the runtime predicts them ({how}: {summary['calibration_inputs']} model inputs)"
         )
         print(
-            f"int8 agrees with fp32 on {100 * agree['pixel_agreement']:.2f}% of pixels of {agree['images']} "
-            f"{summary['agreement_images']} images predicted the same way; exactly tied top-2 logits: "
-            f"fp32 {100 * agree['ties_fp32']:.3f}%, int8 {100 * agree['ties_int8']:.3f}% of pixels"
+            f"{runtime}int8 agrees with fp32 on {100 * agree['pixel_agreement']:.2f}% of pixels of "
+            f"{agree['images']} {summary['agreement_images']} images predicted the same way; exactly tied "
+            f"top-2 logits: fp32 {100 * agree['ties_fp32']:.3f}%, int8 {100 * agree['ties_int8']:.3f}% of pixels"
         )
     return 0
 

@@ -1,8 +1,8 @@
 """The one command line for prediction: ``python -m hybridvision.deploy`` and ``finetune/predict.py``.
 
-``python -m hybridvision.deploy`` runs exported ONNX models without PyTorch;
-``finetune/predict.py`` is the same command with a :class:`Backend` that adds PyTorch model
-directories. Options, input checks, the loop over files, the summary and the exit status live here
+``python -m hybridvision.deploy`` runs exported models without PyTorch (``.onnx`` on onnxruntime,
+OpenVINO ``.xml`` on OpenVINO: the file decides); ``finetune/predict.py`` is the same command with a
+:class:`Backend` that adds PyTorch model directories. Options, input checks, the loop over files, the summary and the exit status live here
 once; what the command writes is :data:`HELP`.
 """
 
@@ -21,14 +21,15 @@ import numpy as np
 
 from .errors import UserError
 from .files import PredictResult, resolve_inputs, run_over_files
-from .runtime import OnnxPredictor, check_predict_options
+from .runtime import OnnxPredictor, check_predict_options, is_exported_model
 
 __all__ = ["HELP", "ONNX_USAGE", "Backend", "build_parser", "main", "progress", "report_result", "run"]
 
-#: ``--help`` of ``python -m hybridvision.deploy`` (ONNX models only)
-ONNX_USAGE = """Predict segmentation masks for images with an exported ONNX model, without PyTorch.
+#: ``--help`` of ``python -m hybridvision.deploy`` (exported models only)
+ONNX_USAGE = """Predict segmentation masks for images with an exported model (ONNX or OpenVINO), without PyTorch.
 
     python -m hybridvision.deploy --model model.onnx --input image_or_folder --output out/
+    python -m hybridvision.deploy --model model.xml --input image_or_folder --output out/
 """
 
 #: what the command writes and its exit status, the end of every ``--help``
@@ -40,8 +41,9 @@ path relative to ``--input`` without its extension; where two inputs would share
 and ``x.jpg``) both keep their extension (``x_png``, ``x_jpg``). Images of any size are handled
 by the sliding window (default window: the training crop size recorded in the model), at the
 training scale recorded in the model (``data.resize``; the prediction is resized back to the
-image's size), or at ``--resize``. A ``.onnx`` model runs on onnxruntime without PyTorch
-(``hybridvision.deploy.runtime``), normalised as recorded in its metadata.
+image's size), or at ``--resize``. A ``.onnx`` model runs on onnxruntime and an OpenVINO ``.xml``
+(``.bin`` beside it) on OpenVINO, both without PyTorch (``hybridvision.deploy.runtime``; OpenVINO:
+``pip install -e ".[openvino]"``), normalised as recorded in the model's metadata.
 
 Exit status: 0 when every image was written; 1 when some images could not be read (each is
 reported, the others are still written, the list is printed at the end); 2 for a user error (one
@@ -50,7 +52,7 @@ line naming the file or value; ``HYBRIDVISION_DEBUG=1`` shows the traceback).
 
 
 class Backend(NamedTuple):
-    """How a model that is not a ``.onnx`` file reads and predicts one image file.
+    """How a model that is not an exported file (``.onnx``, ``.xml``) reads and predicts one image file.
 
     ``finetune/predict.py`` builds one for a PyTorch model directory (or hub id).
     """
@@ -65,14 +67,14 @@ class Backend(NamedTuple):
     ignore_index: int
 
 
-#: builds the :class:`Backend` of a non-ONNX ``--model`` from the parsed arguments
+#: builds the :class:`Backend` of a ``--model`` that is not an exported file from the parsed arguments
 BackendFactory = Callable[[argparse.Namespace], Backend]
 
 
 def build_parser(
     usage: str = ONNX_USAGE, torch_models: bool = False, prog: str | None = None
 ) -> argparse.ArgumentParser:
-    """The options of the command; ``torch_models`` adds ``--device`` and ``--bf16``.
+    """The options of the command; ``torch_models`` adds ``--device``.
 
     Args:
         usage: what ``--help`` says first (a summary and example command lines); :data:`HELP`
@@ -88,9 +90,9 @@ def build_parser(
     p.add_argument(
         "--model",
         required=True,
-        help="model directory written by finetune/run.py (or a hub id), or a .onnx file"
+        help="model directory written by finetune/run.py (or a hub id), or a .onnx / OpenVINO .xml file"
         if torch_models
-        else "model.onnx written by distill/export.py",
+        else "model.onnx or OpenVINO model.xml written by distill/export.py",
     )
     p.add_argument(
         "--input", required=True, help="an image file or a folder of images (searched recursively)"
@@ -115,8 +117,15 @@ def build_parser(
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     if torch_models:
         p.add_argument("--device", default=None, help="PyTorch device (default: cuda if available, else cpu)")
-        p.add_argument("--bf16", action="store_true", help="bf16 autocast (PyTorch models)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (.onnx models)")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16: autocast for PyTorch models, inference precision for OpenVINO .xml models "
+        "(default fp32, which OpenVINO otherwise drops for bf16 on AMX / AVX-512 BF16 CPUs)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="runtime intra-op threads (.onnx and .xml models)"
+    )
     return p
 
 
@@ -125,7 +134,8 @@ def run(args: argparse.Namespace, backend: BackendFactory | None = None) -> int:
 
     Args:
         args: parsed :func:`build_parser` options.
-        backend: for a ``--model`` that is not a ``.onnx`` file (None: every model is ONNX).
+        backend: for a ``--model`` that is not an exported file (None: every model is one; a
+            ``.xml`` runs on OpenVINO, anything else on onnxruntime).
 
     Raises:
         UserError: naming the option, file or model at fault.
@@ -135,7 +145,7 @@ def run(args: argparse.Namespace, backend: BackendFactory | None = None) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file; give a folder")
-    if backend is None or args.model.lower().endswith(".onnx"):
+    if backend is None or is_exported_model(args.model):
         predictor = OnnxPredictor(
             args.model,
             args.mode,
@@ -146,6 +156,7 @@ def run(args: argparse.Namespace, backend: BackendFactory | None = None) -> int:
             args.tta,
             args.threads,
             resize=args.resize,
+            bf16=args.bf16,
         )
         result = predictor.predict_files(files, root, out)
     else:
@@ -207,7 +218,7 @@ def main(
     Args:
         argv: command-line arguments (default: ``sys.argv[1:]``).
         usage: the start of ``--help`` (see :func:`build_parser`).
-        backend: adds models that are not ``.onnx`` files (and ``--device``, ``--bf16``).
+        backend: adds models that are not exported files (and ``--device``).
         prog: the command's name in ``--help`` and usage errors.
     """
     args = build_parser(usage, torch_models=backend is not None, prog=prog).parse_args(argv)

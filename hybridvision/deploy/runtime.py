@@ -1,4 +1,4 @@
-"""PyTorch-free segmentation with an exported ONNX model: numpy, Pillow and onnxruntime only.
+"""PyTorch-free segmentation with an exported model: numpy, Pillow and onnxruntime or OpenVINO only.
 
 The edge-device counterpart of :mod:`hybridvision.inference`: it normalises images read by the
 project's one reader (:mod:`hybridvision.deploy.reader`) as recorded in the model's metadata
@@ -9,6 +9,12 @@ optional flip TTA). :class:`OnnxPredictor` writes ``<id>_mask.png`` / ``<id>_ove
 (:mod:`hybridvision.deploy.files`); the command line is :mod:`hybridvision.deploy.cli`::
 
     python -m hybridvision.deploy --model model.onnx --input images/ --output out/
+    python -m hybridvision.deploy --model model.xml --input images/ --output out/
+
+The predictor runs any *segmenter*: a callable ``(N, C, H, W) float32 -> logits (N, K, H, W)``
+with ``metadata``, ``in_chans`` and ``num_classes`` attributes. :func:`load_segmenter` picks one
+by the file: ``.xml`` an OpenVINO IR (:class:`~hybridvision.deploy.openvino_runtime.OpenVinoSegmenter`),
+anything else ONNX on onnxruntime (:class:`OnnxSegmenter`).
 
 Nothing here imports ``torch`` (a test runs this module with ``torch`` made unimportable).
 """
@@ -44,8 +50,11 @@ __all__ = [
     "METADATA_KEY",
     "OnnxPredictor",
     "OnnxSegmenter",
+    "OPENVINO_SUFFIX",
     "check_predict_options",
+    "is_exported_model",
     "labels_from_scores",
+    "load_segmenter",
     "normalization_spec",
     "normalize_image",
     "parse_resize",
@@ -68,6 +77,8 @@ __all__ = [
 METADATA_KEY = "hybridvision"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: suffix of an OpenVINO IR (``model.xml`` + ``model.bin``); every other exported model is ONNX
+OPENVINO_SUFFIX = ".xml"
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -143,8 +154,13 @@ def normalize_image(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
 
 
 def read_metadata(model: str | os.PathLike | Any) -> dict[str, Any]:
-    """The deployment metadata of an exported model (path, ``onnx.ModelProto`` or ORT session)."""
+    """The deployment metadata of an exported model: a path (``.onnx``, or ``.xml`` for OpenVINO),
+    an ``onnx.ModelProto`` or an onnxruntime session."""
     if isinstance(model, (str, os.PathLike)):
+        if Path(model).suffix.lower() == OPENVINO_SUFFIX:
+            from .openvino_runtime import read_ir_metadata
+
+            return read_ir_metadata(model)
         model = _session(Path(model), threads=1)
     props = (
         model.get_modelmeta().custom_metadata_map
@@ -192,6 +208,32 @@ class OnnxSegmenter:
         if images.ndim != 4 or images.shape[1] != self.in_chans:
             raise ValueError(f"expected (N, {self.in_chans}, H, W) images, got shape {images.shape}")
         return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0]
+
+
+def is_exported_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an exported model file (``.onnx`` or OpenVINO ``.xml``)."""
+    return Path(path).suffix.lower() in (".onnx", OPENVINO_SUFFIX)
+
+
+def load_segmenter(path: str | os.PathLike, threads: int | None = None, bf16: bool = False) -> Any:
+    """The segmenter of an exported model file: OpenVINO for ``.xml``, onnxruntime otherwise.
+
+    Args:
+        path: ``model.onnx`` or ``model.xml``.
+        threads: intra-op threads (None: the runtime's default).
+        bf16: OpenVINO's bf16 inference precision (``.xml`` only; fp32 otherwise).
+
+    Raises:
+        UserError: missing or unreadable file, missing runtime (naming the extra to install), or
+            ``bf16`` asked of an ONNX model.
+    """
+    if Path(path).suffix.lower() == OPENVINO_SUFFIX:
+        from .openvino_runtime import OpenVinoSegmenter
+
+        return OpenVinoSegmenter(path, threads, bf16=bf16)
+    if bf16:
+        raise UserError(f"--bf16 runs PyTorch and OpenVINO (.xml) models; {Path(path).name} runs in fp32")
+    return OnnxSegmenter(path, threads)
 
 
 def parse_resize(option: Sequence[str] | None, recorded: Any = None) -> list[int] | None:
@@ -359,22 +401,27 @@ def labels_from_scores(scores: np.ndarray) -> np.ndarray:
 class OnnxPredictor:
     """Read, normalise, predict and write, with an exported model and no PyTorch.
 
+    The runtime is the segmenter's (onnxruntime for ``.onnx``, OpenVINO for ``.xml``); scale,
+    windows, blending and TTA are the same code for every runtime.
+
     Args:
-        model: path of ``model.onnx``.
+        model: path of ``model.onnx`` or ``model.xml`` (:func:`load_segmenter`), or a segmenter
+            (callable images -> logits with ``metadata``, ``in_chans``, ``num_classes``).
         mode: ``"slide"`` (default, window = the training crop in the metadata) or ``"whole"``.
         window: (h, w) sliding window; None: the training crop.
         overlap: sliding-window overlap fraction.
         blend: ``"gaussian"`` or ``"uniform"``.
         batch_size: windows per forward pass.
         tta_flips: flipped views (``"h"``, ``"v"``, ``"hv"``).
-        threads: onnxruntime intra-op threads.
+        threads: runtime intra-op threads (a path ``model`` only).
         resize: ``SHORT [MAX_LONG]`` or ``["native"]`` (the ``--resize`` option); None: the training
             scale in the metadata (``resize``), as :class:`hybridvision.inference.Predictor`.
+        bf16: OpenVINO's bf16 inference precision (a ``.xml`` path only).
     """
 
     def __init__(
         self,
-        model: str | os.PathLike,
+        model: str | os.PathLike | Any,
         mode: str = "slide",
         window: tuple[int, int] | None = None,
         overlap: float = 0.25,
@@ -383,9 +430,11 @@ class OnnxPredictor:
         tta_flips: Sequence[str] = (),
         threads: int | None = None,
         resize: Sequence[str] | None = None,
+        bf16: bool = False,
     ) -> None:
         check_predict_options(mode, window, overlap, batch_size, tta_flips)
-        self.segmenter = OnnxSegmenter(model, threads)
+        exported = isinstance(model, (str, os.PathLike))
+        self.segmenter = load_segmenter(model, threads, bf16) if exported else model
         meta = self.segmenter.metadata
         self.metadata = meta
         self.mode, self.overlap, self.blend, self.batch_size = mode, overlap, blend, batch_size
@@ -397,7 +446,7 @@ class OnnxPredictor:
             if mode == "whole" or self.window != fixed:
                 logging.getLogger(__name__).info(
                     "%s takes inputs of at most %dx%d: predicting with sliding windows of that size",
-                    model,
+                    model if exported else type(model).__name__,
                     *fixed,
                 )
             self.mode, self.window = "slide", fixed

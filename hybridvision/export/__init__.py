@@ -1,4 +1,4 @@
-"""Edge export: ONNX with dynamic batch/height/width, int8 quantization, deployment report.
+"""Edge export: ONNX with dynamic batch/height/width, OpenVINO IR, int8 quantization, deployment report.
 
 * :func:`export_onnx` traces a :class:`~hybridvision.models.Segmenter` with the TorchScript exporter
   (``dynamo=False``; no ``onnxscript`` needed), opset 18 by default (TransUNet's antialiased
@@ -13,14 +13,19 @@
   Softmax in float), calibrated on what the deployed model sees (:func:`deployment_inputs`: the
   runtime predictor's own scale and windows); :func:`int8_agreement` compares it with fp32 the
   same way.
-* :func:`deployment_report`: params, GMACs, file size, latency (PyTorch eager and onnxruntime CPU,
-  batch 1, median and spread), peak memory (measured in a fresh process per model) and mIoU per
-  model, to ``report.json`` / ``.md`` / ``.png``.
+* :func:`export_openvino`: the ONNX file as an OpenVINO IR (``.xml`` + ``.bin``, fp32, same
+  metadata in its ``rt_info``), checked against onnxruntime; :func:`quantize_openvino_int8`: NNCF
+  post-training int8 calibrated on the same deployment inputs, classifier head in float
+  (``pip install -e ".[openvino]"``).
+* :func:`deployment_report`: params, GMACs, file size, latency (PyTorch eager, onnxruntime CPU and
+  OpenVINO CPU, batch 1, median and spread), peak memory (measured in a fresh process per model)
+  and mIoU per model, with the CPU's int8 / bf16 features, to ``report.json`` / ``.md`` / ``.png``.
 """
 
 from __future__ import annotations
 
 from .onnx import DEFAULT_OPSET, ExportError, check_size, export_onnx, verify_onnx
+from .openvino import export_openvino, openvino_path, quantize_openvino_int8
 from .quantize import (
     attention_nodes,
     deployment_inputs,
@@ -31,14 +36,18 @@ from .quantize import (
     int8_agreement,
     quantize_int8,
 )
-from .report import cpu_name, deployment_report, peak_memory
+from .report import cpu_features, cpu_name, deployment_report, peak_memory
 
 __all__ = [
     "DEFAULT_OPSET",
+    "cpu_features",
     "cpu_name",
     "ExportError",
     "export_onnx",
     "verify_onnx",
+    "export_openvino",
+    "openvino_path",
+    "quantize_openvino_int8",
     "quantize_int8",
     "float_sources",
     "head_nodes",

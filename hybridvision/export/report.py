@@ -1,4 +1,5 @@
-"""The deployment report: params, GMACs, file size, latency, peak memory and mIoU of each model."""
+"""The deployment report: params, GMACs, file size, latency, peak memory and mIoU of each model, for
+PyTorch eager, onnxruntime and OpenVINO side by side."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import nn
 from ..deploy.runtime import (
     OnnxSegmenter,
     labels_from_scores,
+    load_segmenter,
     scores_at_scale,
 )
 from ..deploy.runtime import predict_sliding_window as np_predict_sliding_window
@@ -60,10 +62,10 @@ def status_mib(field):
 
 args = json.loads(sys.argv[1])
 x = np.random.default_rng(0).standard_normal(args["shape"]).astype(np.float32)
-if args["kind"] == "onnx":
-    from hybridvision.deploy.runtime import OnnxSegmenter
+if args["kind"] == "exported":
+    from hybridvision.deploy.runtime import load_segmenter
 
-    runner = OnnxSegmenter(args["path"], threads=args["threads"])
+    runner = load_segmenter(args["path"], threads=args["threads"], bf16=args["bf16"])
     forward = lambda: runner(x)
 else:
     import torch
@@ -85,7 +87,11 @@ print(json.dumps({"baseline_mib": baseline, "peak_mib": status_mib("VmHWM")}))
 
 
 def peak_memory(
-    model: nn.Module | str | os.PathLike, shape: Sequence[int], threads: int = 1, timeout: float = 600
+    model: nn.Module | str | os.PathLike,
+    shape: Sequence[int],
+    threads: int = 1,
+    timeout: float = 600,
+    bf16: bool = False,
 ) -> dict[str, float]:
     """Resident memory of one forward pass, measured in a fresh Python process (Linux).
 
@@ -93,10 +99,12 @@ def peak_memory(
     (the latency runs touched them), so the high-water mark would not move.
 
     Args:
-        model: a module (PyTorch eager, pickled to the child) or an ``.onnx`` path (onnxruntime CPU).
+        model: a module (PyTorch eager, pickled to the child) or an exported file: ``.onnx``
+            (onnxruntime CPU) or ``.xml`` (OpenVINO CPU).
         shape: input (N, C, H, W); standard-normal values.
-        threads: PyTorch / onnxruntime intra-op threads.
+        threads: PyTorch / runtime intra-op threads.
         timeout: seconds before the measurement is abandoned.
+        bf16: OpenVINO's bf16 inference precision (``.xml`` only).
 
     Returns:
         ``peak_rss_mib`` (the process's resident high-water mark during the forward: runtime,
@@ -113,8 +121,14 @@ def peak_memory(
             path, kind = Path(tmp) / "model.pt", "torch"
             torch.save(model, path)
         else:
-            path, kind = Path(model).resolve(), "onnx"
-        args = {"kind": kind, "path": str(path), "shape": [int(s) for s in shape], "threads": int(threads)}
+            path, kind = Path(model).resolve(), "exported"
+        args = {
+            "kind": kind,
+            "path": str(path),
+            "shape": [int(s) for s in shape],
+            "threads": int(threads),
+            "bf16": bf16,
+        }
         proc = subprocess.run(
             [sys.executable, "-c", _PEAK_MEMORY_CHILD, json.dumps(args)],
             capture_output=True,
@@ -174,9 +188,10 @@ def deployment_report(
 
     Args:
         out_dir: where the three files go.
-        entries: ``{"name": str, "model": nn.Module}`` (PyTorch eager) or ``{"name": str, "onnx":
-            path}`` (onnxruntime CPU; an optional ``"model"`` next to it gives the GMACs of the graph's
-            source model).
+        entries: ``{"name": str, "model": nn.Module}`` (PyTorch eager), ``{"name": str, "onnx":
+            path}`` (onnxruntime CPU) or ``{"name": str, "openvino": path of the .xml}`` (OpenVINO
+            CPU, fp32 inference precision; ``"bf16": True`` runs it in bf16). An optional
+            ``"model"`` beside a file gives the params and GMACs of the graph's source model.
         eval_data: samples ``{"image": (C, H, W) normalised, "mask": (H, W)}`` (e.g. finetune's
             evaluation dataset built by ``build_labelled_datasets``).
         num_classes: K (1 = binary).
@@ -185,7 +200,7 @@ def deployment_report(
         full_size: (H, W) of the full-image latency; default: the first evaluation image's size.
         eval_mode: ``"whole"`` or ``"slide"`` (window ``window`` or ``train_crop``, Gaussian blend).
         runs: timed runs per latency figure (after ``warmup`` untimed ones).
-        threads: CPU threads for both PyTorch and onnxruntime.
+        threads: CPU threads for PyTorch, onnxruntime and OpenVINO.
         class_names: for the per-class IoU in the JSON.
         max_eval_images: evaluate on the first N samples only.
         resize: evaluation scale ``[short_side, max_long_side]`` (``data.resize``): every model
@@ -217,20 +232,22 @@ def deployment_report(
         for entry in entries:
             name = entry["name"]
             module = entry.get("model")
-            onnx_path = entry.get("onnx")
+            exported = entry.get("onnx") or entry.get("openvino")
+            bf16 = bool(entry.get("bf16", False))
             row: dict[str, Any] = {
                 "name": name,
-                "runtime": "onnxruntime-cpu" if onnx_path else "pytorch-eager",
+                "runtime": _runtime_name(entry),
             }
-            if onnx_path:
-                runner = OnnxSegmenter(onnx_path, threads=threads)
-                row["precision"] = runner.metadata.get("precision", "fp32")
-                row["onnx_file_mb"] = Path(onnx_path).stat().st_size / 2**20
+            if exported:
+                runner = load_segmenter(exported, threads=threads, bf16=bf16)
+                row["precision"] = "bf16" if bf16 else runner.metadata.get("precision", "fp32")
+                row["file_mb"] = _file_mb(Path(exported))
+                row["onnx_file_mb"] = row["file_mb"] if entry.get("onnx") else None  # before file_mb
                 # the source model's count when given; else weights in the graph (BN folded into convs)
                 row["params"] = (
                     sum(p.numel() for p in unwrap_segmenter(module).parameters())
                     if module is not None
-                    else _onnx_params(Path(onnx_path))
+                    else _graph_params(Path(exported))
                 )
 
                 def forward(x: np.ndarray, runner: OnnxSegmenter = runner) -> np.ndarray:
@@ -246,7 +263,7 @@ def deployment_report(
                     raise ValueError(f"report entry {name!r} needs 'model' or 'onnx'")
                 module = unwrap_segmenter(module).eval().cpu()
                 row["precision"] = "fp32"
-                row["onnx_file_mb"] = None
+                row["file_mb"] = row["onnx_file_mb"] = None
                 row["params"] = sum(p.numel() for p in module.parameters())
 
                 def forward(x: np.ndarray, module: nn.Module = module) -> np.ndarray:
@@ -276,7 +293,7 @@ def deployment_report(
             row["peak_rss_mib"] = row["peak_above_baseline_mib"] = None
             if measure_memory:
                 try:
-                    mem = peak_memory(onnx_path or module, (1, in_chans, *full), threads)
+                    mem = peak_memory(exported or module, (1, in_chans, *full), threads, bf16=bf16)
                     row["peak_rss_mib"] = mem["peak_rss_mib"]
                     row["peak_above_baseline_mib"] = mem["forward_mib"]
                 except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
@@ -305,6 +322,7 @@ def deployment_report(
         },
         "threads": threads,
         "cpu": cpu_name(),
+        "cpu_features": cpu_features(),
         "entries": rows,
     }
     from ..io import write_json_atomic
@@ -315,20 +333,70 @@ def deployment_report(
     return report
 
 
+#: CPU flags that decide how fast int8 and bf16 run (``/proc/cpuinfo`` spelling): VNNI and AMX
+#: int8 dot products, AVX-512 BF16 and AMX bf16 (where OpenVINO runs bf16 unless told f32)
+CPU_FEATURES = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_int8",
+)
+
+
+def cpu_features() -> list[str]:
+    """The :data:`CPU_FEATURES` this CPU has (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read()
+    except OSError:
+        return []
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    return [f for f in CPU_FEATURES if f in flags]
+
+
 def cpu_name() -> str:
+    """CPU model, its :func:`cpu_features` and logical CPU count, e.g. for a report's header."""
     try:
         with open("/proc/cpuinfo") as fh:
             info = fh.read()
         name = next(
             (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?"
         )
-        flags = set(
-            next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-        )
-        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-        return f"{name} ({', '.join(isa) or 'no avx2'}), {os.cpu_count()} logical CPUs"
+        return f"{name} ({', '.join(cpu_features()) or 'no avx2'}), {os.cpu_count()} logical CPUs"
     except OSError:
         return "unknown"
+
+
+def _runtime_name(entry: dict[str, Any]) -> str:
+    if entry.get("onnx"):
+        return "onnxruntime-cpu"
+    if entry.get("openvino"):
+        return "openvino-cpu"
+    return "pytorch-eager"
+
+
+def _file_mb(path: Path) -> float:
+    """Size of an exported model: the ``.onnx``, or an OpenVINO IR's ``.xml`` + ``.bin``."""
+    files = [path, path.with_suffix(".bin")] if path.suffix.lower() == ".xml" else [path]
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
+def _graph_params(path: Path) -> int:
+    """Weights in an exported graph (ONNX initializers; OpenVINO constants of weighted layers)."""
+    if path.suffix.lower() != ".xml":
+        return _onnx_params(path)
+    from ..deploy.openvino_runtime import read_ir
+
+    total = 0
+    for node in read_ir(path).get_ordered_ops():
+        if node.get_type_name() == "Constant" and len(node.get_output_shape(0)) >= 1:
+            size = int(np.prod(list(node.get_output_shape(0))))
+            weights = node.get_output_element_type(0).get_type_name() in ("f32", "f16", "bf16", "i8", "u8")
+            total += size if size > 1 and weights else 0
+    return total
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:
@@ -342,6 +410,10 @@ def _report_markdown(report: dict[str, Any]) -> str:
         f"CPU: {report['cpu']}; {report['threads']} thread(s); batch 1; mIoU on {report['eval']['images']} "
         f"evaluation images ({report['eval']['mode']}).",
         "",
+        f"CPU features: {', '.join(report.get('cpu_features') or []) or 'none of ' + ', '.join(CPU_FEATURES)}. "
+        "int8 gains need VNNI or AMX int8; OpenVINO bf16 needs AVX-512 BF16 or AMX; figures travel only "
+        "to CPUs with the same features.",
+        "",
         "| model | runtime | precision | params (M) | GMACs (crop) | file (MB) | crop latency ms (p25-p75) "
         "| full-image latency ms (p25-p75) | peak memory of a full-image forward, MiB (forward's own) | mIoU |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -350,7 +422,7 @@ def _report_markdown(report: dict[str, Any]) -> str:
         c, f = r["latency_train_crop"], r["latency_full_image"]
         lines.append(
             f"| {r['name']} | {r['runtime']} | {r['precision']} | {r['params'] / 1e6:.2f} | "
-            f"{_fmt(r['gmacs_train_crop'])} | {_fmt(r['onnx_file_mb'], '.2f')} | "
+            f"{_fmt(r['gmacs_train_crop'])} | {_fmt(r['file_mb'], '.2f')} | "
             f"{c['median_ms']:.2f} ({c['p25_ms']:.2f}-{c['p75_ms']:.2f}) @ {c['size'][0]}x{c['size'][1]} | "
             f"{f['median_ms']:.2f} ({f['p25_ms']:.2f}-{f['p75_ms']:.2f}) @ {f['size'][0]}x{f['size'][1]} | "
             f"{_fmt(r['peak_rss_mib'], '.0f')} (+{_fmt(r['peak_above_baseline_mib'], '.1f')}) | {r['miou']:.4f} |"
