@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,8 +35,9 @@ SECTIONS = [
 @pytest.mark.slow  # about a minute: seven stage runs, an export, the peers
 def test_gpu_check_dry_run_runs_every_section(tmp_path: Path):
     log = tmp_path / "results" / "gpu_check.txt"
-    temp = tmp_path / "temp"
-    temp.mkdir()
+    # a short TMPDIR: DataLoader workers pass tensors over AF_UNIX sockets made there, whose paths
+    # may not exceed 107 bytes (pytest's tmp_path is longer: the workers would fail and the run hang)
+    temp = Path(tempfile.mkdtemp(prefix="gc", dir="/tmp"))
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TMPDIR": str(temp)}
     res = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--log", str(log)],
@@ -42,8 +45,9 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path: Path):
         text=True,
         env=env,
         cwd=tmp_path,
-        timeout=900,
+        timeout=400,
     )
+    shutil.rmtree(temp, ignore_errors=True)
     out = res.stdout
     assert res.returncode == 0, out[-4000:] + res.stderr[-2000:]
     headers = [line for line in out.splitlines() if line.startswith("== ")]
