@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))  # `finetune` package
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from finetune.config import FinetuneConfig  # noqa: E402
@@ -117,6 +118,14 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _resolved_resize(cfg: FinetuneConfig) -> Any:
+    """``data.resize`` as the stage resolved it (the run config it saved next to its outputs)."""
+    saved = Path(cfg.train.output_dir) / "run_config.yaml"
+    if not saved.is_file():
+        return cfg.data.resize
+    return (yaml.safe_load(saved.read_text()) or {}).get("data", {}).get("resize", cfg.data.resize)
+
+
 def run_one(name: str, cfg: FinetuneConfig) -> dict[str, Any]:
     """Train and evaluate one model under ``cfg``; returns params, wall time and metrics."""
     torch.manual_seed(cfg.train.seed)  # peers are built before the engine seeds; make their init repeatable
@@ -143,8 +152,9 @@ def run_one(name: str, cfg: FinetuneConfig) -> dict[str, Any]:
         label = f"ours ({arch}{decoder}, {'from ' + cfg.model.init if cfg.model.init else 'scratch'})"
     else:
         label = name
-    if cfg.data.resize != "native":  # resolved by the stage: a fixed scale for varying-size folders
-        extra = f"data.resize={cfg.data.resize}"
+    resize = _resolved_resize(cfg)
+    if resize != "native":  # resolved by the stage: a fixed scale for varying-size folders
+        extra = f"data.resize={resize}"
         label = f"{label[:-1]}, {extra})" if label.endswith(")") else f"{label} ({extra})"
     return {
         "model": name,

@@ -125,7 +125,7 @@ def test_peers_seg_reports_an_interrupted_run_instead_of_scoring_it(
 def test_distill_benchmark_runs(isolated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]):
     """Every loop of benchmarks/distill.py prints a finite row (no timing asserted)."""
     bench = _load("distill")
-    bench.main(["--size", "32", "--batch-size", "2", "--reps", "1", "--steps", "1", "--warmup", "1"])
+    bench.main(["--size", "64", "--batch-size", "2", "--reps", "1", "--steps", "1", "--warmup", "1"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if "x " in line and "ms/step" not in line]
     names = ("student alone", "+kd, teacher fp32", "+kd, teacher bf16", "+kd+cwd+dist+feature, teacher bf16")
