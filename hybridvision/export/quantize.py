@@ -50,6 +50,7 @@ class _DropMessage(logging.Filter):
         self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """False for the records to drop."""
         return not record.getMessage().startswith(self.prefix)
 
 
@@ -192,33 +193,66 @@ def quantize_int8(
     Raises:
         ValueError: no calibration image, an image that is not (C, H, W), or an unknown method/scheme.
     """
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     if not calibration_images:
         raise ValueError("quantize_int8 needs at least one calibration image")
     if scheme not in INT8_SCHEMES:
         raise ValueError(f"scheme must be one of {', '.join(INT8_SCHEMES)}, got {scheme!r}")
+    import onnx
+
     # absolute before the chdir into the temporary directory below (relative paths broke there)
     fp32_path, out_path = Path(fp32_path).resolve(), Path(out_path).resolve()
     source = onnx.load(str(fp32_path))
-    input_name = source.graph.input[0].name
-    arrays = [
-        np.asarray(img.detach().cpu() if isinstance(img, Tensor) else img, dtype=np.float32)
-        for img in calibration_images
-    ]
+    arrays = _calibration_arrays(calibration_images)
+    method = _calibration_method(calibrate_method)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp_dir, _quiet_onnxruntime():
+        pre, symbolic = _pre_process(fp32_path, Path(tmp_dir))
+        graph = onnx.load(str(pre)).graph
+        head, attention = head_nodes(graph), [n.name for n in attention_nodes(graph)]
+        chosen = scheme if scheme != "auto" else ("attention" if attention else "static")
+        reader = _calibration_reader(arrays, source.graph.input[0].name)
+        tmp_out = Path(tmp_dir) / "static.onnx"
+        _quantize_static(pre, tmp_out, reader, chosen, per_channel, method, _keep_float(graph, head))
+        if chosen == "attention":
+            static_out, tmp_out = tmp_out, Path(tmp_dir) / "dynamic.onnx"
+            _quantize_dynamic(static_out, tmp_out, head + attention)
+        calibration = {
+            "method": calibrate_method,
+            "inputs": len(arrays),
+            **(calibration_info or {"images": len(arrays)}),
+        }
+        record = _quantization_record(chosen, per_channel, symbolic, calibration)
+        _copy_metadata(source, tmp_out, precision="int8", quantization=record)
+        os.replace(tmp_out, out_path)
+    return out_path
+
+
+def _calibration_arrays(images: Sequence[np.ndarray | Tensor]) -> list[np.ndarray]:
+    """``images`` as float32 arrays, each checked to be (C, H, W)."""
+    arrays = [as_array(img).astype(np.float32, copy=False) for img in images]
     for i, a in enumerate(arrays):
         if a.ndim != 3:
             raise ValueError(f"calibration image {i} has shape {a.shape}; expected (C, H, W)")
+    return arrays
+
+
+def _calibration_method(name: str) -> Any:
+    """The onnxruntime ``CalibrationMethod`` named ``name`` (``minmax``, ``entropy``, ``percentile``)."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    if name not in methods:
+        raise ValueError(f"calibrate_method must be one of {', '.join(methods)}, got {name!r}")
+    return methods[name]
+
+
+def _calibration_reader(arrays: list[np.ndarray], input_name: str) -> Any:
+    """A ``CalibrationDataReader`` that feeds ``arrays`` one image (1, C, H, W) per call."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class _Reader(CalibrationDataReader):
         """One image per call; ``set_range`` lets onnxruntime calibrate a few images at a time."""
@@ -236,92 +270,111 @@ def quantize_int8(
             a = next(self._it, None)
             return None if a is None else {input_name: a[None]}
 
-    # onnxruntime keeps every intermediate tensor of the images it calibrates on at once (its
-    # CalibMaxIntermediateOutputs drops them instead): strides of at most 8 images bound the memory
-    stride = next(s for s in range(min(8, len(arrays)), 0, -1) if len(arrays) % s == 0)
+    return _Reader()
 
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
+
+def _calibration_stride(count: int) -> int:
+    """The largest divisor of ``count`` up to 8: how many images onnxruntime calibrates at once.
+
+    onnxruntime keeps every intermediate tensor of the images it calibrates on at once (its
+    CalibMaxIntermediateOutputs drops them instead): strides of at most 8 images bound the memory.
+    """
+    return next(s for s in range(min(8, count), 0, -1) if count % s == 0)
+
+
+def _pre_process(fp32_path: Path, tmp_dir: Path) -> tuple[Path, bool]:
+    """Run ``quant_pre_process`` into ``tmp_dir`` and name every node (exclusions go by name).
+
+    Returns:
+        The pre-processed model's path and whether symbolic shape inference succeeded.
+    """
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = tmp_dir / "preprocessed.onnx"
+    symbolic = True
+    # ORT's symbolic shape inference dumps sym_shape_infer_temp.onnx (+ data) into the working
+    # directory when it gives up: run it inside the temporary directory
+    with _chdir(tmp_dir):
+        try:
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+        except Exception:  # it gives up on some dynamic graphs (Swin shift masks)
+            symbolic = False  # ONNX shape inference + ORT graph optimisation still run
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    graph = onnx.load(str(pre))
+    for i, node in enumerate(graph.graph.node):
+        node.name = node.name or f"{node.op_type}_{i}"
+    onnx.save(graph, str(pre))
+    return pre, symbolic
+
+
+def _keep_float(graph: Any, head: list[str]) -> list[str]:
+    """Nodes the static pass leaves in float: ``head``, the attention nodes and their sources.
+
+    Attention nodes run in float, and nothing that computes their inputs may round them to 8 bits
+    (a QDQ node's output is 8-bit; a dynamically quantized MatMul's is float).
+    """
+    attention = attention_nodes(graph)
+    weights = _weights(graph)
+    inputs = [i for n in attention for i in n.input if i and i not in weights]
+    return head + [n.name for n in attention] + float_sources(graph, inputs)
+
+
+def _quantize_static(
+    pre: Path, out: Path, reader: Any, chosen: str, per_channel: bool, method: Any, keep_float: list[str]
+) -> None:
+    """QDQ pass: every op onnxruntime quantizes (``static``) or only convolutions (``attention``)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    if chosen == "static":
+        static_ops = set(QLinearOpsRegistry) | set(QDQRegistry)
+    else:
+        static_ops = {"Conv", "ConvTranspose"}
+    quantize_static(
+        str(pre),
+        str(out),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=method,
+        op_types_to_quantize=sorted(static_ops - set(FLOAT_OP_TYPES)),
+        nodes_to_exclude=keep_float,
+        extra_options={"MatMulConstBOnly": True, "CalibStridedMinMax": _calibration_stride(len(reader))},
+    )
+
+
+def _quantize_dynamic(static_out: Path, out: Path, exclude: list[str]) -> None:
+    """Dynamic pass of the ``attention`` scheme: MatMuls and Gemms with a weight, not ``exclude``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(static_out),
+        str(out),
+        op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_exclude=exclude,
+        weight_type=QuantType.QInt8,
+        extra_options={"MatMulConstBOnly": True},
+    )
+
+
+def _quantization_record(
+    chosen: str, per_channel: bool, symbolic: bool, calibration: dict[str, Any]
+) -> dict[str, Any]:
+    """The metadata's ``quantization`` entry: scheme, formats, what stays float, calibration."""
+    mixed = chosen != "static"
+    return {
+        "scheme": chosen,
+        "format": "QDQ convolutions + dynamic MatMul" if mixed else "QDQ",
+        "weights": ("int8 per-channel" if per_channel else "int8 per-tensor")
+        + (" (convolutions), int8 per-tensor (MatMul)" if mixed else ""),
+        "activations": "uint8 calibrated" + (" (convolutions), uint8 per call (MatMul)" if mixed else ""),
+        "float": ["classifier head", *FLOAT_OP_TYPES, "MatMul of two activations"],
+        "calibration": calibration,
+        "pre_process": "quant_pre_process" + ("" if symbolic else " (skip_symbolic_shape)"),
     }
-    if calibrate_method not in methods:
-        raise ValueError(f"calibrate_method must be one of {', '.join(methods)}, got {calibrate_method!r}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp_dir, _quiet_onnxruntime():
-        pre = Path(tmp_dir) / "preprocessed.onnx"
-        symbolic = True
-        # ORT's symbolic shape inference dumps sym_shape_infer_temp.onnx (+ data) into the working
-        # directory when it gives up: run it inside the temporary directory
-        with _chdir(tmp_dir):
-            try:
-                quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
-            except Exception:  # it gives up on some dynamic graphs (Swin shift masks)
-                symbolic = False  # ONNX shape inference + ORT graph optimisation still run
-                quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        graph = onnx.load(str(pre))
-        for i, node in enumerate(graph.graph.node):  # exclusions go by name
-            node.name = node.name or f"{node.op_type}_{i}"
-        onnx.save(graph, str(pre))
-        head = head_nodes(graph.graph)
-        # attention nodes run in float, and nothing that computes their inputs may round them to 8
-        # bits (a QDQ node's output is 8-bit; a dynamically quantized MatMul's is float)
-        attention = attention_nodes(graph.graph)
-        weights = _weights(graph.graph)
-        inputs = [i for n in attention for i in n.input if i and i not in weights]
-        keep_float = head + [n.name for n in attention] + float_sources(graph.graph, inputs)
-        chosen = scheme if scheme != "auto" else ("attention" if attention else "static")
-        if chosen == "static":
-            static_ops = set(QLinearOpsRegistry) | set(QDQRegistry)
-        else:
-            static_ops = {"Conv", "ConvTranspose"}
-        static_out = Path(tmp_dir) / "static.onnx"
-        quantize_static(
-            str(pre),
-            str(static_out),
-            _Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=methods[calibrate_method],
-            op_types_to_quantize=sorted(static_ops - set(FLOAT_OP_TYPES)),
-            nodes_to_exclude=keep_float,
-            extra_options={"MatMulConstBOnly": True, "CalibStridedMinMax": stride},
-        )
-        tmp_out = static_out
-        if chosen == "attention":
-            tmp_out = Path(tmp_dir) / "dynamic.onnx"
-            quantize_dynamic(
-                str(static_out),
-                str(tmp_out),
-                op_types_to_quantize=["MatMul", "Gemm"],
-                nodes_to_exclude=head + [n.name for n in attention],
-                weight_type=QuantType.QInt8,
-                extra_options={"MatMulConstBOnly": True},
-            )
-        _copy_metadata(
-            source,
-            tmp_out,
-            precision="int8",
-            quantization={
-                "scheme": chosen,
-                "format": "QDQ" if chosen == "static" else "QDQ convolutions + dynamic MatMul",
-                "weights": ("int8 per-channel" if per_channel else "int8 per-tensor")
-                + ("" if chosen == "static" else " (convolutions), int8 per-tensor (MatMul)"),
-                "activations": "uint8 calibrated"
-                + ("" if chosen == "static" else " (convolutions), uint8 per call (MatMul)"),
-                "float": ["classifier head", *FLOAT_OP_TYPES, "MatMul of two activations"],
-                "calibration": {
-                    "method": calibrate_method,
-                    "inputs": len(arrays),
-                    **(calibration_info or {"images": len(arrays)}),
-                },
-                "pre_process": "quant_pre_process" + ("" if symbolic else " (skip_symbolic_shape)"),
-            },
-        )
-        os.replace(tmp_out, out_path)
-    return out_path
 
 
 #: :class:`~hybridvision.deploy.runtime.OnnxPredictor` normalisation for images already normalised
@@ -442,4 +495,5 @@ def int8_agreement(
 
 
 def as_array(x: Any) -> np.ndarray:
+    """``x`` (an array or a tensor, on any device) as a NumPy array."""
     return np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x)
