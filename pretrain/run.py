@@ -12,7 +12,6 @@ decoder (all but its output layer, which reconstructed pixels).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,139 +19,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `pret
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from hybridvision.config import ConfigError, DataConfig, cli_main, config_to_dict  # noqa: E402
-from hybridvision.data.from_config import (
-    build_labelled_datasets,  # noqa: E402
-    build_unlabelled_dataset,  # noqa: E402
-)
-from hybridvision.data.transforms import build_seg_transforms  # noqa: E402
+from hybridvision.config import cli_main  # noqa: E402
 from hybridvision.engine import (  # noqa: E402
     Engine,
     StepOutput,
     pending_exit_code,
     shutdown_distributed,
 )
-from hybridvision.models import list_models, save_pretrained  # noqa: E402
-from hybridvision.models.registry import segmenter_spec  # noqa: E402
-from hybridvision.models.transfer import InitReport, build_encoder, build_segmenter  # noqa: E402
 from hybridvision.probe import dense_linear_probe  # noqa: E402
+from pretrain.build import (  # noqa: E402
+    build_model,
+    export_encoder,
+    pretrain_dataset,
+    probe_loaders,
+    scale_lr,
+)
 from pretrain.config import PretrainConfig  # noqa: E402
-from pretrain.heads import classifier_prefix  # noqa: E402
 from pretrain.monitors import make_mim_grid  # noqa: E402
-from pretrain.objectives import PretrainModel, scaled_lr  # noqa: E402
-from pretrain.views import build_pretrain_transform  # noqa: E402
-
-DEFAULT_ENCODER = "hybrid_nano"  # model.name when neither it nor model.init is given
-
-
-def build_model(cfg: PretrainConfig) -> tuple[PretrainModel, InitReport]:
-    """The encoder (or segmenter) and its objective's heads; the init report says where it started."""
-    obj = cfg.objective
-    options = dict(
-        in_chans=cfg.data.in_chans,
-        temperature=obj.temperature,
-        projection_dim=obj.projection_dim,
-        projection_hidden_dim=obj.projection_hidden_dim or None,
-        projection_layers=obj.projection_layers,
-        mask_patch_size=obj.mask_patch_size,
-        mask_ratio=obj.mask_ratio,
-        decoder=obj.mim_decoder,
-        decoder_dim=obj.mim_decoder_dim,
-        mim_loss=obj.mim_loss,
-        norm_pix_loss=obj.norm_pix_loss,
-        contrastive_weight=obj.contrastive_weight,
-        mim_weight=obj.mim_weight,
-        dense_points=obj.dense_points,
-    )
-    c = cfg.data.in_chans
-    m = cfg.model
-    name = m.name or ("" if m.init else DEFAULT_ENCODER)
-    size = tuple(cfg.data.image_size)
-    if obj.mim_decoder == "segmenter":  # the whole segmenter, reconstructing its C input channels
-        segmenter, report = build_segmenter(
-            name, c, c, init=m.init, strict=m.init_strict, overrides=m.overrides, input_size=size
-        )
-        return PretrainModel.from_segmenter(segmenter, obj.name, **options), report
-    if name in list_models("segmenter"):
-        raise ConfigError(
-            f"model.name={name!r} is a segmenter preset (encoder "
-            f"{segmenter_spec(name).encoder!r}): pretrain its encoder with model.name="
-            f"{segmenter_spec(name).encoder}, or the whole segmenter with objective.mim_decoder=segmenter"
-        )
-    encoder, report = build_encoder(
-        name, c, init=m.init, strict=m.init_strict, overrides=m.overrides, input_size=size
-    )
-    return PretrainModel(encoder, obj.name, **options), report
-
-
-def probe_loaders(cfg: PretrainConfig) -> tuple[DataLoader, DataLoader] | None:
-    """Labelled data of the dense linear probe (eval transforms only)."""
-    p = cfg.probe
-    if p.source == "none":
-        return None
-    size = cfg.data.image_size
-    data = DataConfig(
-        source=p.source,
-        split=p.split,
-        val_split=p.val_split,
-        in_chans=cfg.data.in_chans,
-        image_size=size,
-        num_classes=p.num_classes,
-        ignore_index=cfg.data.ignore_index,
-        synthetic_samples=p.train_images,
-        synthetic_val_samples=p.val_images,
-        normalize=cfg.data.normalize,
-        mean=cfg.data.mean,
-        std=cfg.data.std,
-        window=cfg.data.window,
-    )
-    tf = build_seg_transforms(
-        False,
-        size if p.source != "synthetic" else None,
-        in_chans=data.in_chans,
-        normalize=data.normalization,
-        window=data.window,
-        ignore_index=data.ignore_index,
-    )
-    train, val = build_labelled_datasets(data, tf, tf, seed=cfg.train.seed + 7, check="lazy")
-    if val is None:
-        raise ValueError("probe.val_split is empty: the probe needs a held-out split")
-    train = Subset(train, range(min(p.train_images, len(train))))
-    val = Subset(val, range(min(p.val_images, len(val))))
-    bs = cfg.train.batch_size
-    return DataLoader(train, batch_size=bs), DataLoader(val, batch_size=bs)
-
-
-def export_encoder(cfg: PretrainConfig):
-    """Writer of ``directory`` (the encoder) and, for a pretrained segmenter, its sibling
-    ``segmenter/`` whose ``extra.reconstruction_head`` names the output layer fine-tuning drops."""
-    extra = {"stage": "pretrain", "objective": cfg.objective.name, "run_config": config_to_dict(cfg)}
-
-    def export(model: nn.Module, directory: Path) -> None:
-        save_pretrained(model.encoder, directory, extra=extra)
-        if model.segmenter_build is not None:
-            seg = model.segmenter()
-            head = "decoder." + classifier_prefix(seg.decoder, seg.num_classes)
-            save_pretrained(
-                seg, Path(directory).parent / "segmenter", extra={**extra, "reconstruction_head": head}
-            )
-
-    return export
 
 
 def main(cfg: PretrainConfig) -> None:
     # DDP's find_unused_parameters is decided by the engine from the built model (one dry step): NT-Xent
     # reads only the last stage, a pixel-shuffle MIM decoder skips some stage norms
-    lr_line = ""
-    if cfg.objective.lr_scaling != "none":  # resolved once, before anything reads optim.lr
-        from accelerate import PartialState
-
-        global_batch = cfg.train.batch_size * cfg.train.grad_accum_steps * PartialState().num_processes
-        lr = scaled_lr(cfg.optim.lr, global_batch, cfg.objective.lr_scaling)
-        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr))
-        lr_line = f"optim.lr scaled ({cfg.objective.lr_scaling}, global batch {global_batch}) to {lr:.3g}"
+    cfg, lr_line = scale_lr(cfg)  # resolved once, before anything reads optim.lr
     engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="pretrain")
     acc = engine.accelerator
     if lr_line:
@@ -163,20 +53,7 @@ def main(cfg: PretrainConfig) -> None:
     if cfg.objective.sync_batchnorm and acc.num_processes > 1 and acc.device.type == "cuda":  # CUDA-only op
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
-    size = cfg.data.image_size
-    if size[0] != size[1]:
-        raise ValueError(f"data.image_size={size}: pretraining crops are square, give equal sides")
-    transform = build_pretrain_transform(
-        cfg.objective.name,
-        cfg.data.in_chans,
-        size[0],
-        preset=cfg.objective.augment_preset,
-        normalize=cfg.data.normalization,
-        min_scale=cfg.objective.min_crop_scale,
-    )
-    dataset = build_unlabelled_dataset(
-        cfg.data, transform, seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes
-    )
+    dataset = pretrain_dataset(cfg, rank=acc.process_index, world_size=acc.num_processes)
     probes = probe_loaders(cfg)
 
     def step_fn(m: nn.Module, batch: dict) -> StepOutput:
