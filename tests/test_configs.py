@@ -10,8 +10,8 @@ import torch
 from finetune.config import FinetuneConfig
 from hybridvision.config import load_config
 from hybridvision.models.transfer import build_segmenter
-from pretrain.config import PretrainConfig
 from pretrain.build import build_model as build_pretrain_model
+from pretrain.config import PretrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRETRAIN = sorted((CONFIGS / "pretrain").glob("*.yaml"))
