@@ -49,99 +49,132 @@ def _parse_scalar_text(text: str) -> Any:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` to the annotated type ``tp`` or raise a ConfigError naming ``key``."""
-
-    def fail() -> ConfigError:
-        return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-    origin = get_origin(tp)
     if tp is Any:
         return value
+    origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-            if type(None) in args:
-                return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise fail()
+        return _coerce_union(value, tp, key)
     if origin is Literal:
         if value in get_args(tp):
             return value
         raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise fail()
+        return _coerce_bool(value, key)
     if tp is int:
-        if isinstance(value, bool):
-            raise fail()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                try:
-                    as_float = float(value)
-                except ValueError:
-                    raise fail() from None
-                if as_float.is_integer():
-                    return int(as_float)
-        raise fail()
+        return _coerce_int(value, key)
     if tp is float:
-        if isinstance(value, bool):
-            raise fail()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise fail() from None
-        raise fail()
+        return _coerce_float(value, key)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise fail()
+        raise _mismatch(value, tp, key)
     if origin in (list, tuple):
-        if isinstance(value, str):
-            parsed = _parse_scalar_text(value)
-            value = parsed if isinstance(parsed, (list, tuple)) else [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise fail()
-        args = get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(
-                    f"{key}: expected {len(args)} values ({_type_name(tp)}), got {list(value)!r}"
-                )
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _coerce_sequence(value, tp, key)
     if origin is dict:
-        if isinstance(value, str):
-            value = _parse_scalar_text(value)
-        if not isinstance(value, dict):
-            raise fail()
-        kt, vt = get_args(tp) or (Any, Any)
-        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+        return _coerce_dict(value, tp, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise fail()
+            raise _mismatch(value, tp, key)
         return _build(tp, value, key)
     if isinstance(value, tp):
         return value
-    raise fail()
+    raise _mismatch(value, tp, key)
+
+
+def _mismatch(value: Any, tp: Any, key: str) -> ConfigError:
+    """The error for ``value`` at ``key`` that is no ``tp``: names the key, the type and the value."""
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """``null`` / ``none`` for an optional type, else the first member type ``value`` converts to."""
+    args = get_args(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+        if type(None) in args:
+            return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError:
+            continue
+    raise _mismatch(value, tp, key)
+
+
+def _coerce_bool(value: Any, key: str) -> bool:
+    """A bool, or its text (``true``/``false``, ``yes``/``no``, ``1``/``0``, any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise _mismatch(value, bool, key)
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    """An int, a float or text with an integer value (``2``, ``2.0``, ``"2e3"``); never a bool."""
+    if isinstance(value, bool):
+        raise _mismatch(value, int, key)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                as_float = float(value)
+            except ValueError:
+                raise _mismatch(value, int, key) from None
+            if as_float.is_integer():
+                return int(as_float)
+    raise _mismatch(value, int, key)
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    """An int, a float or number text as a float; never a bool."""
+    if isinstance(value, bool):
+        raise _mismatch(value, float, key)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise _mismatch(value, float, key) from None
+    raise _mismatch(value, float, key)
+
+
+def _coerce_sequence(value: Any, tp: Any, key: str) -> list[Any] | tuple[Any, ...]:
+    """A list or tuple (or its YAML text, or comma-separated text), each item converted.
+
+    A fixed-length tuple type (``tuple[int, int]``) needs exactly that many items.
+    """
+    origin = get_origin(tp)
+    if isinstance(value, str):
+        parsed = _parse_scalar_text(value)
+        value = parsed if isinstance(parsed, (list, tuple)) else [v for v in value.split(",") if v]
+    if not isinstance(value, (list, tuple)):
+        raise _mismatch(value, tp, key)
+    args = get_args(tp)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values ({_type_name(tp)}), got {list(value)!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    item = args[0] if args else Any
+    items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _coerce_dict(value: Any, tp: Any, key: str) -> dict[Any, Any]:
+    """A mapping (or its YAML text), keys and values converted."""
+    if isinstance(value, str):
+        value = _parse_scalar_text(value)
+    if not isinstance(value, dict):
+        raise _mismatch(value, tp, key)
+    kt, vt = get_args(tp) or (Any, Any)
+    return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -195,9 +228,12 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any], cls: type) -> dict[str, Any]:
-    """Merge a YAML tree into ``base``: config sections merge key by key, while free-form
-    dict fields (``loss.weights``, ``optim.lr_mult``, ``model.overrides``...) are replaced
-    whole, so a file that says ``weights: {ce: 1, dice: 1}`` means exactly those terms."""
+    """Merge a YAML tree into ``base``.
+
+    Config sections merge key by key, while free-form dict fields (``loss.weights``,
+    ``optim.lr_mult``, ``model.overrides``...) are replaced whole, so a file that says
+    ``weights: {ce: 1, dice: 1}`` means exactly those terms.
+    """
     out = dict(base)
     hints = _hints(cls)
     for k, v in update.items():
