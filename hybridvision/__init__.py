@@ -1,4 +1,6 @@
-"""hybridvision: self-supervised pretraining, segmentation fine-tuning and distillation of
-hybrid Transformer-CNN encoders, on Hugging Face Accelerate."""
+"""Hybrid Transformer-CNN encoders: self-supervised pretraining, segmentation fine-tuning, distillation.
+
+Built on Hugging Face Accelerate.
+"""
 
 __version__ = "0.1.0"

@@ -45,7 +45,10 @@ def _scores(model: Model, images: Tensor, num_classes: int | None, tta_flips: Se
     """Model scores averaged over the identity and each flip: probabilities (K >= 2) or logits (K = 1).
 
     Args:
+        model: maps (N, C, H, W) images to (N, K, H, W) logits.
         images: (N, C, H, W).
+        num_classes: K the model must return, checked when given.
+        tta_flips: flips averaged with the identity (keys of ``FLIP_AXES``).
 
     Returns:
         (N, K, H, W) float32.

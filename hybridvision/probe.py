@@ -44,6 +44,7 @@ def extract_pixel_features(
         stages: indices into the feature list to concatenate (resized to the first one's grid).
         ignore_index: label excluded from sampling.
         max_pixels_per_image: pixels sampled per image (uniformly, without replacement).
+        generator: RNG for the pixel sampling (None: the global one).
 
     Returns:
         features (N, D) float32 and labels (N,) int64.

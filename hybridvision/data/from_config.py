@@ -138,8 +138,10 @@ def check_streaming(cfg: DataConfig, labelled: bool) -> None:
 def build_unlabelled_dataset(
     cfg: DataConfig, transform: Transform | None, seed: int = 0, rank: int = 0, world_size: int = 1
 ) -> Dataset:
-    """Images for self-supervised pretraining (masks, if any, are not read); ``data.streaming``
-    streams Hugging Face sources (see :func:`check_streaming`)."""
+    """Images for self-supervised pretraining (masks, if any, are not read).
+
+    ``data.streaming`` streams Hugging Face sources (see :func:`check_streaming`).
+    """
     check_streaming(cfg, labelled=False)
     kind = source_kind(cfg.source)
     if kind == "synthetic":
@@ -297,8 +299,10 @@ def _evenly(items: list[Any], limit: int) -> list[Any]:
 
 
 def _header_size(path: Path) -> tuple[int, int] | None:
-    """(H, W) of an image file as displayed (EXIF orientation applied, as the reader does), from
-    its header where the format allows (PNG's EXIF may follow the pixels); None if unreadable."""
+    """(H, W) of an image file as displayed (EXIF orientation applied, as the reader does).
+
+    Read from its header where the format allows (PNG's EXIF may follow the pixels); None if unreadable.
+    """
     from PIL import Image
 
     from ..deploy.reader import displayed_size
@@ -317,8 +321,11 @@ def _header_size(path: Path) -> tuple[int, int] | None:
 
 
 def image_sizes(cfg: DataConfig, limit: int = SIZE_PROBE_LIMIT) -> list[tuple[int, int]] | None:
-    """(H, W) of up to ``limit`` training images (evenly spaced), or None where sizes are not known
-    without reading the stream (streaming sources). The synthetic set has one size."""
+    """(H, W) of up to ``limit`` training images (evenly spaced).
+
+    None where sizes are not known without reading the stream (streaming sources). The synthetic set
+    has one size.
+    """
     kind = source_kind(cfg.source)
     if kind == "synthetic":
         return [(int(cfg.image_size[0]), int(cfg.image_size[1]))]  # every sample has this size
@@ -351,11 +358,13 @@ def image_sizes(cfg: DataConfig, limit: int = SIZE_PROBE_LIMIT) -> list[tuple[in
 
 
 def auto_resize(sizes: list[tuple[int, int]] | None, crop: tuple[int, int]) -> list[int] | None:
-    """The scale ``data.resize=auto`` picks: None (native) when the images share one scale (every
-    short side and every long side within :data:`SAME_SCALE_RATIO` of each other, e.g. equal-size
+    """The scale ``data.resize=auto`` picks.
+
+    None (native) when the images share one scale (every short side and every long side within :data:`SAME_SCALE_RATIO` of each other, e.g. equal-size
     slices), else ``[min(crop), 4 * max(crop)]``: each image's short side becomes the crop's, so a
     crop sees about the whole image at the base scale (MMSegmentation's convention: ADE20K's
-    ``scale=(2048, 512)`` with 512 crops)."""
+    ``scale=(2048, 512)`` with 512 crops).
+    """
     if not sizes:
         return None
     shorts = [min(s) for s in sizes]

@@ -309,10 +309,12 @@ def _with_split_error(load: Callable[[], Any], split: str, source: str) -> Any:
 
 
 def _undecoded(dataset: Any, columns: list[str | None]) -> Any:
-    """``dataset`` with its ``datasets.Image`` columns among ``columns`` left undecoded, so their
-    files go through the project's reader (:func:`~hybridvision.data.io.read_image`: 16-bit
+    """``dataset`` with its ``datasets.Image`` columns among ``columns`` left undecoded.
+
+    Their files then go through the project's reader (:func:`~hybridvision.data.io.read_image`: 16-bit
     PNGs at full depth, EXIF orientation as everywhere else) rather than ``datasets``' 8-bit PIL
-    decoding."""
+    decoding.
+    """
     import datasets
 
     features = dataset.features or {}

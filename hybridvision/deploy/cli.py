@@ -179,8 +179,10 @@ def report_result(result: PredictResult, output: Path) -> int:
 
 
 def progress(files: Sequence[Path]) -> Iterator[Path]:
-    """``files``, with a tqdm bar on stderr where it is a terminal; elsewhere (a log file, CI, a
-    scheduler) a plain line every ~10 % of the images instead of the bar's carriage-return frames."""
+    """``files``, with a tqdm bar on stderr where it is a terminal.
+
+    Elsewhere (a log file, CI, a scheduler) a plain line every ~10 % of the images instead of the bar's carriage-return frames.
+    """
     if _stderr_is_terminal():
         from tqdm.auto import tqdm
 

@@ -89,8 +89,17 @@ def run_over_files(
     """The loop shared by both predictors: an unreadable image is reported and skipped, never fatal.
 
     Args:
+        files: the input images.
+        root: the folder ``files`` were found in (outputs keep their relative paths), or None.
+        output: folder the ``<name>_mask.png`` and ``<name>_overlay.png`` files are written to.
         read: path -> raw image (C, H, W) float32; raises ``OSError``/``ValueError`` if unreadable.
         predict: raw image -> labels (H, W).
+        num_classes: K, for the mask palette.
+        ignore_index: label left uncoloured in the overlay.
+        progress: wraps the file iterator (e.g. a progress bar).
+
+    Returns:
+        The written masks and the skipped files with their reasons.
     """
     stems = output_stems(files, root)  # raises before anything is written
     output.mkdir(parents=True, exist_ok=True)

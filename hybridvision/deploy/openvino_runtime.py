@@ -119,6 +119,7 @@ class OpenVinoSegmenter:
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Logits ``(N, num_classes, H, W)`` of normalised images ``(N, in_chans, H, W)``, as float32."""
         if images.ndim != 4 or images.shape[1] != self.in_chans:
             raise ValueError(f"expected (N, {self.in_chans}, H, W) images, got shape {images.shape}")
         self.request.infer([np.ascontiguousarray(images, dtype=np.float32)])

@@ -103,8 +103,9 @@ def image_array(image: Image.Image | np.ndarray, in_chans: int, name: str) -> np
 
 
 def read_mask(path: ImageSource, name: str | None = None) -> np.ndarray:
-    """Read a class-index mask (one channel, value = class id), upright as :func:`read_image` reads
-    its image (EXIF / TIFF orientation applied).
+    """Read a class-index mask (one channel, value = class id).
+
+    Upright as :func:`read_image` reads its image (EXIF / TIFF orientation applied).
 
     Args:
         path: Mask file or its bytes; PIL modes ``1``, ``L``, ``P`` (palette indices are the class
@@ -126,8 +127,10 @@ def read_mask(path: ImageSource, name: str | None = None) -> np.ndarray:
 
 
 def mask_array(mask: Image.Image | np.ndarray, name: str) -> np.ndarray:
-    """A decoded mask (PIL image, with its EXIF orientation applied, or integer array (H, W)) as
-    (H, W) int64.
+    """A decoded mask as (H, W) int64.
+
+    ``mask`` is a PIL image (its EXIF orientation already applied) or an integer array (H, W);
+    ``name`` names it in error messages.
 
     Raises:
         ValueError: Naming the mask, for more than one channel or a non-integer array.
@@ -195,9 +198,11 @@ def orient(array: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _check_pil_orientation(img: Image.Image, name: str) -> None:
-    """Refuse, before decoding, a TIFF whose orientation swaps H and W: PIL applies TIFF
-    orientations itself when loading, and scrambles single-band images when they swap H and W
-    (Pillow 13); ``tifffile`` reads them exactly."""
+    """Refuse, before decoding, a TIFF whose orientation swaps H and W.
+
+    PIL applies TIFF orientations itself when loading, and scrambles single-band images when they swap H and W
+    (Pillow 13); ``tifffile`` reads them exactly.
+    """
     if img.format != "TIFF":  # (PNG's getexif() would decode the whole image here)
         return
     orientation = image_orientation(img)
@@ -252,8 +257,11 @@ def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, bool]:
 
 
 def _png16_low_rawmode(img: Image.Image) -> str | None:
-    """For a not yet loaded 16-bit-per-channel colour (or gray + alpha) PNG, the rawmode that
-    decodes the bytes PIL drops (see ``_PNG16_LOW_RAWMODES``); None for any other image."""
+    """The rawmode that decodes the low bytes PIL drops from a 16-bit colour PNG.
+
+    For a not yet loaded 16-bit-per-channel colour (or gray + alpha) PNG (see
+    ``_PNG16_LOW_RAWMODES``); None for any other image.
+    """
     if img.format != "PNG" or len(img.tile) != 1:
         return None
     rawmode = img.tile[0].args
@@ -261,9 +269,11 @@ def _png16_low_rawmode(img: Image.Image) -> str | None:
 
 
 def _png16_to_array(path: ImageSource, img: Image.Image, low_rawmode: str) -> tuple[np.ndarray, bool]:
-    """(H, W, C) float32 in [0, 1] at the full 16 bits of a 16-bit colour PNG, and whether C ends
-    in alpha. ``img`` is the loaded image (high bytes); the file is decoded again for the rest by
-    PIL's own PNG decoder (filters, interlacing, checksums) with another rawmode."""
+    """(H, W, C) float32 in [0, 1] at the full 16 bits of a 16-bit colour PNG, and whether C ends in alpha.
+
+    ``img`` is the loaded image (high bytes); the file is decoded again for the rest by
+    PIL's own PNG decoder (filters, interlacing, checksums) with another rawmode.
+    """
     with _open(path) as again:
         again.tile = [again.tile[0]._replace(args=low_rawmode)]
         again.load()
@@ -276,8 +286,11 @@ def _png16_to_array(path: ImageSource, img: Image.Image, low_rawmode: str) -> tu
 
 
 def _read_tiff(path: Path) -> tuple[np.ndarray, bool, int]:
-    """A (possibly multi-band) TIFF via tifffile: (H, W, C) scaled array as stored, whether C ends
-    in alpha, and the orientation tag (1 when absent)."""
+    """A (possibly multi-band) TIFF via tifffile.
+
+    Returns the (H, W, C) scaled array as stored, whether C ends in alpha, and the orientation tag
+    (1 when absent).
+    """
     import tifffile
 
     with tifffile.TiffFile(path) as tif:

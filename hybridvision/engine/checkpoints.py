@@ -51,6 +51,7 @@ class TrainerState:
     images_seen: int = 0  # samples consumed over all processes
 
     def to_json(self) -> dict[str, int]:
+        """The counters as a JSON-ready dict (written to ``trainer_state.json``)."""
         return dict(self.__dict__)
 
 

@@ -34,6 +34,12 @@ def build_loader(
             already is one.
         seed: the run seed (``train.seed``): shuffling and every sample's augmentations.
         rank: this process's index (keys a stream's samples).
+        batch_size: samples per batch on this process.
+        shuffle: shuffle map-style datasets (seeded by ``seed``); streams keep their order.
+        num_workers: DataLoader worker processes.
+        persistent_workers: keep workers alive between epochs.
+        pin_memory: pin host memory for faster device transfers.
+        drop_last: drop the last incomplete batch.
     """
     if not isinstance(dataset, EpochSeeded):
         wrapper = SeededIterableDataset if isinstance(dataset, IterableDataset) else SeededDataset

@@ -99,9 +99,11 @@ class Engine:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is the global main process (rank 0)."""
         return self.accelerator.is_main_process
 
     def print(self, *args: Any) -> None:
+        """Print on the main process only."""
         self.accelerator.print(*args)
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
@@ -159,9 +161,12 @@ class Engine:
         self.trackers.flush()
 
     def close_interrupted(self, result: dict[str, Any]) -> None:
-        """End a run ``fit`` stopped by a signal: ``<output_dir>/metrics.json`` says it is partial
-        (step, checkpoint) instead of holding metrics, then :meth:`close`. Stages write no final model
-        in that case; the engine has already printed the command that resumes."""
+        """End a run ``fit`` stopped by a signal, then :meth:`close`.
+
+        ``<output_dir>/metrics.json`` says it is partial (step, checkpoint) instead of holding
+        metrics. Stages write no final model
+        in that case; the engine has already printed the command that resumes.
+        """
         if self.is_main:
             write_json_atomic(
                 self.output_dir / "metrics.json",
@@ -271,6 +276,9 @@ class Engine:
                 main process at every checkpoint (``<checkpoint>/export``).
             on_step_end: ``(engine)`` called after every optimizer step (e.g. an EMA update).
             optimizer: defaults to :func:`build_optimizer` over ``model``'s parameters.
+            num_workers: DataLoader workers when ``train_data`` is a Dataset.
+            persistent_workers: keep those workers alive between epochs.
+            pin_memory: pin host memory in that loader.
 
         Returns:
             ``{"step", "final_metrics", "checkpoint", "skipped_nonfinite", "interrupted", "signal",

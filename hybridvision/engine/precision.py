@@ -49,8 +49,11 @@ def settle_mixed_precision(train: TrainConfig) -> str:
 
 
 def precision_cache_path() -> Path:
-    """Where CPU precision measurements are kept: ``$XDG_CACHE_HOME/hybridvision/precision.json``
-    (``~/.cache`` by default). Delete it to measure again."""
+    """Where CPU precision measurements are kept.
+
+    ``$XDG_CACHE_HOME/hybridvision/precision.json`` (``~/.cache`` by default). Delete it to measure
+    again.
+    """
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "hybridvision" / "precision.json"
 
@@ -110,9 +113,11 @@ def measure_cpu_bf16_speedup(reps: int = 5) -> float:
 
 
 def _cached_cpu_bf16_speedup(measure: Callable[[], float], path: Path) -> tuple[float, str]:
-    """(speedup, where it came from): the cached figure for :func:`cpu_signature`, else ``measure()``
-    stored there. Processes of one machine starting together (a multi-process launch) take a file
-    lock, so one measures (undisturbed) and the others read its figure: every rank picks the same."""
+    """(speedup, where it came from): the cached figure for :func:`cpu_signature`.
+
+    Else ``measure()``, stored there. Processes of one machine starting together (a multi-process launch) take a file
+    lock, so one measures (undisturbed) and the others read its figure: every rank picks the same.
+    """
     key = cpu_signature()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

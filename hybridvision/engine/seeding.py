@@ -58,6 +58,7 @@ class EpochSeeded:
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the epoch seen by every worker (shared memory) and pass it on to the dataset."""
         self._epoch.fill_(int(epoch))
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
@@ -92,8 +93,10 @@ class SeededDataset(EpochSeeded, Dataset):
 
 
 class SeededIterableDataset(EpochSeeded, IterableDataset):
-    """Streaming counterpart of :class:`SeededDataset`: the ``k``-th sample a (rank, worker) draws in
-    epoch ``e`` is produced under RNG seed ``(seed, e, rank, worker, k)``.
+    """Streaming counterpart of :class:`SeededDataset`.
+
+    The ``k``-th sample a (rank, worker) draws in epoch ``e`` is produced under RNG seed
+    ``(seed, e, rank, worker, k)``.
 
     A resumed stream is replayed up to the saved position (streams cannot seek); since every sample's
     randomness depends only on its position, the replayed prefix and everything after it are the

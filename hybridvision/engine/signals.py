@@ -47,6 +47,7 @@ class StopFlag:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
+        """Route SIGINT and SIGTERM to this flag, remembering the previous handlers (main thread only)."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -54,6 +55,7 @@ class StopFlag:
                 pass
 
     def restore(self) -> None:
+        """Put back the handlers :meth:`install` replaced."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -83,6 +85,7 @@ class WorkerInit:
         self.inner = inner
 
     def __call__(self, worker_id: int) -> None:
+        """Make DataLoader worker ``worker_id`` ignore SIGINT/SIGTERM, then run the wrapped init function."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if self.inner is not None:

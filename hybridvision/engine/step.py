@@ -52,6 +52,7 @@ class StepResult:
     bad_reason: str = ""  # why the weights were left untouched ("" when they were updated)
 
     def add(self, out: StepOutput, accum_steps: int) -> None:
+        """Accumulate one micro-batch's loss and logged terms, each divided by ``accum_steps``."""
         self.loss += out.loss.detach() / accum_steps
         for k, v in out.logs.items():  # kept as tensors: no device sync per step
             v = v.detach() if isinstance(v, Tensor) else torch.tensor(float(v))

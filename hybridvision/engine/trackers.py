@@ -47,6 +47,7 @@ class Trackers:
         self.closed = False
 
     def start(self) -> None:
+        """Start the trackers once, with the flattened run config as hyper-parameters (no-op without trackers)."""
         if not self.started and self.accelerator.log_with:
             from ..config import config_to_dict
 
@@ -103,12 +104,14 @@ class LossWindow:
         self.images_seen = images_seen
 
     def add(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
+        """Add one updated step's loss and logged terms to the window."""
         self.loss += loss
         self.steps += 1
         for k, v in terms.items():
             self.terms[k] = self.terms.get(k, 0.0) + v
 
     def reset(self, images_seen: int) -> None:
+        """Empty the window after a log line; ``images_seen`` is the count it starts from."""
         self.loss.zero_()
         self.terms.clear()
         self.steps = 0
@@ -141,6 +144,7 @@ class Progress:
         self.start = time.perf_counter()
 
     def advance(self) -> None:
+        """Move the bar on by one optimizer step (no-op without a bar)."""
         if self.bar is not None:
             self.bar.update(1)
 
@@ -158,11 +162,13 @@ class Progress:
             )
 
     def close(self) -> None:
+        """Close the bar, if one is shown."""
         if self.bar is not None:
             self.bar.close()
 
 
 def stdout_is_terminal() -> bool:
+    """Whether stdout is an interactive terminal (False when it is closed or replaced)."""
     try:
         return sys.stdout.isatty()
     except (AttributeError, ValueError):

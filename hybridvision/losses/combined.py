@@ -57,6 +57,7 @@ class CombinedLoss(nn.Module):
         return LossOutput(total=total, terms=terms)
 
     def extra_repr(self) -> str:
+        """The term weights, for ``repr``."""
         return ", ".join(f"{name}={weight:g}" for name, weight in self.weights.items())
 
 

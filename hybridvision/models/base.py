@@ -162,6 +162,7 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        """Same as :meth:`forward_features`: the feature maps, one per stage."""
         return self.forward_features(x)
 
     def no_weight_decay(self) -> set[str]:
@@ -267,6 +268,7 @@ class Segmenter(nn.Module):
         return 0
 
     def no_weight_decay(self) -> set[str]:
+        """Encoder and decoder parameter names excluded from weight decay, prefixed with their module."""
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {
             f"decoder.{n}" for n in getattr(self.decoder, "no_weight_decay", lambda: set())()
         }

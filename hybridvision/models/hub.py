@@ -187,8 +187,10 @@ def external_encoder_name(config: dict[str, Any]) -> tuple[str, dict[str, Any]] 
 
 
 def from_pretrained(path_or_id: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
-    """Rebuild a model from a directory written by :func:`save_pretrained`, a transformers SegFormer,
-    or a released timm / transformers backbone (returned as an encoder).
+    """Rebuild a model from a saved directory, a SegFormer or a released backbone.
+
+    Sources: a directory written by :func:`save_pretrained`, a transformers SegFormer, or a released
+    timm / transformers backbone (returned as an encoder).
 
     Args:
         path_or_id: local directory or Hugging Face hub id.

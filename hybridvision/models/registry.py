@@ -167,26 +167,31 @@ def is_encoder(name: str) -> bool:
 
 
 def decoder_entrypoint(name: str) -> Callable[..., Any]:
+    """The registered decoder builder ``name``; raises UnknownModelError listing the valid names."""
     if name not in _DECODERS:
         raise UnknownModelError("decoder", name, list(_DECODERS))
     return _DECODERS[name]
 
 
 def segmenter_spec(name: str) -> SegmenterSpec:
+    """The registered segmenter spec ``name``; raises UnknownModelError listing the valid names."""
     if name not in _SEGMENTERS:
         raise UnknownModelError("segmenter", name, list(_SEGMENTERS) + list(_ENCODERS))
     return _SEGMENTERS[name]
 
 
 def list_encoders() -> list[str]:
+    """The registered encoder names, sorted."""
     return sorted(_ENCODERS)
 
 
 def list_decoders() -> list[str]:
+    """The registered decoder names, sorted."""
     return sorted(_DECODERS)
 
 
 def list_segmenters() -> list[str]:
+    """The registered segmenter names, sorted."""
     return sorted(_SEGMENTERS)
 
 

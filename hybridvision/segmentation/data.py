@@ -28,8 +28,10 @@ class SegmentationData(NamedTuple):
 
 
 def eval_transform(d: DataConfig) -> Any:
-    """The evaluation transform: no augmentation, normalised, each image at its own size (the
-    predictor applies the recorded scale). Evaluation and int8 calibration share it."""
+    """The evaluation transform: no augmentation, normalised, each image at its own size.
+
+    The predictor applies the recorded scale. Evaluation and int8 calibration share it.
+    """
     return build_seg_transforms(
         False,
         None,

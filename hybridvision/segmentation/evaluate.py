@@ -28,8 +28,11 @@ __all__ = ["evaluate_segmenter", "build_predictor"]
 def build_predictor(
     model: nn.Module, eval_cfg: Any, num_classes: int, resize: list[int] | None = None
 ) -> Predictor:
-    """A :class:`Predictor` from the ``eval.*`` config section (logits out, for the metrics), at the
-    scale ``resize`` (``data.resize_scale``; predictions are mapped back to each image's size)."""
+    """A :class:`Predictor` from the ``eval.*`` config section (logits out, for the metrics).
+
+    It runs at the scale ``resize`` (``data.resize_scale``); predictions are mapped back to each
+    image's size.
+    """
     from hybridvision.inference import Predictor
 
     return Predictor(
@@ -57,6 +60,7 @@ def evaluate_segmenter(
         loader: a DataLoader prepared by ``accelerator`` yielding ``{"image": (B, C, H, W), "mask":
             (B, H, W)}`` batches, or mixed-size batches from ``collate_mixed_sizes``.
         cfg: the fine-tuning config (``data`` and ``eval`` sections).
+        accelerator: autocast for the forward passes; gathers the per-sample counts across processes.
 
     Returns:
         (metrics dict with ``class_names`` and per-class lists, grid (3, H, W) or None).

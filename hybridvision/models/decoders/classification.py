@@ -17,8 +17,10 @@ __all__ = ["ClassificationHead", "Classifier"]
 
 
 class ClassificationHead(nn.Module):
-    """Global average pool -> LayerNorm -> dropout -> Linear (the head of ConvNeXt, Liu et al., 2022,
-    and of the hybrid Transformer-CNN classifiers such as CoAtNet, Dai et al., 2021).
+    """Global average pool -> LayerNorm -> dropout -> Linear.
+
+    The head of ConvNeXt (Liu et al., 2022) and of the hybrid Transformer-CNN classifiers such as
+    CoAtNet (Dai et al., 2021).
 
     No BatchNorm, so it behaves the same for any batch size (linear probes with batch 1 included).
 
@@ -66,6 +68,7 @@ class Classifier(nn.Module):
             self.encoder.eval()
 
     def train(self, mode: bool = True) -> Classifier:
+        """Set training mode; a frozen encoder stays in eval mode (its norm statistics are not updated)."""
         super().train(mode)
         if self.freeze_encoder:
             self.encoder.eval()
@@ -81,4 +84,5 @@ class Classifier(nn.Module):
         return self.head(feature)
 
     def no_weight_decay(self) -> set[str]:
+        """The encoder's parameter names excluded from weight decay, prefixed with ``encoder.``."""
         return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}

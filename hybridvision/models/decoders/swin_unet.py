@@ -1,5 +1,7 @@
-"""Swin-Unet symmetric decoder (Cao et al., "Swin-Unet: Unet-like Pure Transformer for Medical Image
-Segmentation", ECCV Workshops 2022).
+"""Swin-Unet symmetric decoder.
+
+Cao et al., "Swin-Unet: Unet-like Pure Transformer for Medical Image Segmentation", ECCV Workshops
+2022.
 
 From the deepest feature (the bottleneck), each decoder level upsamples 2x with a patch expanding
 layer, concatenates the encoder feature of that level (skip connection), projects back to its
@@ -167,6 +169,7 @@ class SwinUnetDecoder(nn.Module):
         return self.output(x.permute(0, 3, 1, 2))  # (B, K, H, W)
 
     def no_weight_decay(self) -> set[str]:
+        """Names of the relative position bias tables, excluded from weight decay."""
         return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
 
 

@@ -202,8 +202,15 @@ class UNetDecoder(nn.Module):
         return len(self.image_stem) > 0
 
     def forward(self, features: list[Tensor], image: Tensor | None = None) -> Tensor:
-        """Args: features, shallow to deep, (B, C_i, H / r_i, W / r_i); image (B, in_chans, H, W),
-        needed with image skips. Returns (B, K, h, w) logits (h = H with image skips)."""
+        """Decode the encoder features to logits.
+
+        Args:
+            features: shallow to deep, (B, C_i, H / r_i, W / r_i).
+            image: (B, in_chans, H, W), needed with image skips.
+
+        Returns:
+            (B, K, h, w) logits (h = H with image skips).
+        """
         x = features[-1]
         skips = features[-2::-1]  # deepest skip first
         if self.uses_image:

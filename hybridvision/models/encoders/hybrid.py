@@ -124,8 +124,9 @@ def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
 
 
 class ConvBlock(nn.Module):
-    """ConvNeXt block (Liu et al., 2022, "A ConvNet for the 2020s"): depthwise conv, LayerNorm,
-    pointwise MLP, layer scale, stochastic depth, residual.
+    """ConvNeXt block (Liu et al., 2022, "A ConvNet for the 2020s").
+
+    Depthwise conv, LayerNorm, pointwise MLP, layer scale, stochastic depth, residual.
 
     Args:
         dim: channels C.
@@ -324,9 +325,10 @@ def downsample(in_dim: int, out_dim: int, stride: int) -> nn.Module:
 
 
 class HybridEncoder(Encoder):
-    """Hierarchical hybrid encoder: conv stages, fused conv + window-attention stages, global-attention
-    stages, stacked from :class:`StageConfig` rows (ConvNeXt, Liu et al., 2022; Swin, Liu et al., 2021;
-    MixFormer, Chen et al., 2022; CoAtNet, Dai et al., 2021).
+    """Hierarchical hybrid encoder stacked from :class:`StageConfig` rows.
+
+    Conv stages, fused conv + window-attention stages and global-attention stages (ConvNeXt, Liu et
+    al., 2022; Swin, Liu et al., 2021; MixFormer, Chen et al., 2022; CoAtNet, Dai et al., 2021).
 
     Each stage output goes through a LayerNorm and is returned. Masking: the mask token replaces
     masked positions after the stem; every conv block and every fused conv + window-attention stage
@@ -391,6 +393,7 @@ class HybridEncoder(Encoder):
         return features
 
     def no_weight_decay(self) -> set[str]:
+        """Names of the relative position bias tables, excluded from weight decay."""
         return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
 
 
@@ -401,7 +404,7 @@ def _four_stages(
     fusion: str = "gating",
     window_size: int = 8,
 ) -> tuple[StageConfig, ...]:
-    """conv / conv_window_attn / global_attn / global_attn at reductions 4, 8, 16, 32."""
+    """Conv / conv_window_attn / global_attn / global_attn at reductions 4, 8, 16, 32."""
     return (
         StageConfig("conv", depths[0], dims[0], 4),
         StageConfig("conv_window_attn", depths[1], dims[1], 2, heads[0], window_size, fusion=fusion),

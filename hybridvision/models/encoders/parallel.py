@@ -65,8 +65,9 @@ class ParallelConfig:
 
 
 class ParallelHybridEncoder(Encoder):
-    """CNN and Transformer streams side by side, fused per scale (TransFuse, Zhang et al., 2021,
-    arXiv:2102.08005; Conformer, Peng et al., 2021).
+    """CNN and Transformer streams side by side, fused per scale.
+
+    TransFuse (Zhang et al., 2021, arXiv:2102.08005); Conformer (Peng et al., 2021).
 
     Stem (stride 4) -> [CNN stage i || Transformer stage i] -> fusion i -> LayerNorm -> feature i,
     each stream downsampling by 2 between scales. Masking: the mask token replaces masked positions
@@ -137,6 +138,7 @@ class ParallelHybridEncoder(Encoder):
         return features
 
     def no_weight_decay(self) -> set[str]:
+        """Names of the relative position bias tables, excluded from weight decay."""
         return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
 
 

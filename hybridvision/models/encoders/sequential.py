@@ -80,8 +80,9 @@ class BasicBlock(nn.Module):
 
 
 class SequentialHybridEncoder(Encoder):
-    """CNN backbone followed by a Transformer refinement of its last stage (TransUNet, Chen et al.,
-    2021, arXiv:2102.04306; BoTNet, Srinivas et al., 2021).
+    """CNN backbone followed by a Transformer refinement of its last stage.
+
+    TransUNet (Chen et al., 2021, arXiv:2102.04306); BoTNet (Srinivas et al., 2021).
 
     Features are the CNN stages' outputs, the last one replaced by its refinement: tokens of the
     stride-32 map + fixed 2-D sin-cos position embedding (MAE's, for the actual grid) -> pre-norm

@@ -1,5 +1,6 @@
-"""Swin Transformer encoders (Liu et al., "Swin Transformer: Hierarchical Vision Transformer using
-Shifted Windows", ICCV 2021).
+"""Swin Transformer encoders.
+
+Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", ICCV 2021.
 
 Four stages at strides 4, 8, 16 and 32: a 4x4 patch embedding + LayerNorm, then per stage an
 optional 2x2 patch merging followed by alternating W-MSA / SW-MSA blocks. Parameter names follow
@@ -211,6 +212,7 @@ class SwinTransformer(Encoder):
         return feats
 
     def no_weight_decay(self) -> set[str]:
+        """Names of the relative position bias tables, excluded from weight decay."""
         return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

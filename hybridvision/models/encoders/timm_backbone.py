@@ -194,7 +194,7 @@ class TimmEncoder(Encoder):
     # ------------------------------------------------------------------ weights
 
     def _key_map(self) -> dict[str, str]:
-        """timm full-model parameter name (normalised) -> this extractor's state-dict name."""
+        """Map each timm full-model parameter name (normalised) -> this extractor's state-dict name."""
         index: dict[str, str] = {}
         for key in self.model.state_dict():
             names = [key]

@@ -295,6 +295,7 @@ class TransUNetEncoder(Encoder):
         return [*skips, x]
 
     def no_weight_decay(self) -> set[str]:
+        """The position embedding, excluded from weight decay."""
         return {"pos_embed"}
 
 

@@ -25,9 +25,11 @@ class DropPath(nn.Module):
         self.drop_prob = drop_prob
 
     def forward(self, x: Tensor) -> Tensor:
+        """Drop whole samples' residual branches with probability ``drop_prob`` (training only)."""
         return drop_path(x, self.drop_prob, self.training)
 
     def extra_repr(self) -> str:
+        """The drop probability, for ``repr``."""
         return f"drop_prob={self.drop_prob}"
 
 
@@ -51,6 +53,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Apply fc1, activation, dropout, fc2, dropout over the last dimension."""
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -58,6 +61,7 @@ class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channel dim of an NCHW map."""
 
     def forward(self, x: Tensor) -> Tensor:
+        """Layer-normalise ``(B, C, H, W)`` maps over the channel dimension."""
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)

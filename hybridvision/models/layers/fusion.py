@@ -54,8 +54,9 @@ def _check_same_size(cnn: Tensor, transformer: Tensor) -> None:
 
 
 class CrossAttentionFusion(nn.Module):
-    """Bidirectional cross-attention fusion (cf. CrossViT, Chen et al., 2021; TransFuse BiFusion,
-    Zhang et al., 2021).
+    """Bidirectional cross-attention fusion.
+
+    Cf. CrossViT (Chen et al., 2021); TransFuse BiFusion (Zhang et al., 2021).
 
     CNN tokens query the Transformer tokens and Transformer tokens query the CNN tokens
     (pre-norm, multi-head, ``F.scaled_dot_product_attention``, residual); the two results are
@@ -188,8 +189,10 @@ class ChannelSpatialAttentionFusion(nn.Module):
 
 
 class DynamicFeatureSelector(nn.Module):
-    """Dynamic gated selection between the two paths (cf. gated fusion of Arevalo et al., 2017,
-    "Gated Multimodal Units"; selective kernels of Li et al., 2019, "SKNet").
+    """Dynamic gated selection between the two paths.
+
+    Cf. gated fusion of Arevalo et al., 2017, "Gated Multimodal Units"; selective kernels of Li et
+    al., 2019, "SKNet".
 
     Both inputs are projected to ``out_channels`` (``cnn'``, ``tr'``, 1x1 conv + norm). A gate
     ``g = sigmoid(per-pixel 1x1 conv + per-channel MLP of the pooled context)`` of shape
@@ -237,8 +240,9 @@ class DynamicFeatureSelector(nn.Module):
 
 
 class MultiScaleFeatureAggregation(nn.Module):
-    """Multi-scale aggregation with parallel depthwise branches of several kernels and dilations
-    (cf. ASPP, Chen et al., 2017, "Rethinking Atrous Convolution"; Inception-style multi-kernel
+    """Multi-scale aggregation with parallel depthwise branches of several kernels and dilations.
+
+    Cf. ASPP, Chen et al., 2017, "Rethinking Atrous Convolution"; Inception-style multi-kernel
     branches of SegNeXt's MSCA, Guo et al., 2022).
 
     The concatenation is projected to ``out_channels`` (1x1 conv), run through one depthwise

@@ -99,4 +99,5 @@ class SpatialReductionAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:
+        """The head count and spatial-reduction ratio, for ``repr``."""
         return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}"

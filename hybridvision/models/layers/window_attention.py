@@ -250,6 +250,7 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
+        """The window size and head count, for ``repr``."""
         return f"window_size={self.window_size}, num_heads={self.num_heads}"
 
 
@@ -297,7 +298,9 @@ class SwinTransformerBlock(nn.Module):
         shift: tuple[int, int] = (0, 0),
         shift_mask: Tensor | None = None,
     ) -> Tensor:
-        """Args:
+        """Window attention over ``x``, shifted by ``shift``.
+
+        Args:
             x: (B, H, W, C) map.
             window: (wh, ww) window for this map size.
             shift: (sh, sw) cyclic shift; (0, 0) for W-MSA.
