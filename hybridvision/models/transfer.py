@@ -47,6 +47,7 @@ class InitReport:
     skipped: list[str] = field(default_factory=list)  # shape mismatches skipped with strict=False
 
     def summary(self) -> str:
+        """One line per item: the source and counts, then missing, unexpected and skipped names."""
         if not self.source:
             return "model initialised from scratch (random weights)"
 
@@ -116,121 +117,168 @@ def build_segmenter(
         in_chans: input channels.
         init: source of weights (see module docstring); ``""`` for scratch.
         strict: shape mismatches are errors (True) or skipped and listed (False).
-        decoder / decoder_kwargs / overrides: passed to :func:`create_segmenter`.
+        decoder: decoder name, passed to :func:`create_segmenter`.
+        decoder_kwargs: decoder options, passed to :func:`create_segmenter`.
+        overrides: encoder options, passed to :func:`create_segmenter`.
         input_size: the training crop (H, W): encoders built at a fixed input size get it as
             ``img_size`` unless ``overrides`` set one.
+
+    Returns:
+        The segmenter and what its initialisation loaded.
     """
-    overrides = dict(overrides or {})
-    report = InitReport()
+    spec = _SegmenterSpec(
+        name, num_classes, in_chans, strict, decoder, decoder_kwargs, dict(overrides or {}), input_size
+    )
     if not init:
-        if not name:
-            raise ValueError(
-                "model.name is empty and model.init is not set: nothing says which model to build"
-            )
-        overrides = with_input_size(name, input_size, overrides)
-        return create_segmenter(name, num_classes, in_chans, decoder, decoder_kwargs, **overrides), report
-
-    path = Path(init)
-    if path.is_file():  # timm / torchvision weights for the encoder
-        if not name:
-            raise ValueError(
-                f"model.init={init} is a weights file: set model.name to the encoder it belongs to"
-            )
-        overrides = with_input_size(name, input_size, overrides)
-        model = create_segmenter(name, num_classes, in_chans, decoder, decoder_kwargs, **overrides)
-        loader = getattr(model.encoder, "load_pretrained_weights", None)
-        if loader is None:
-            raise ValueError(
-                f"model.init={init} is a weights file, but the encoder of {name!r} cannot convert external "
-                "weight files (only the timm/torchvision families can); for hybridvision models set "
-                "model.init to a directory written by save_pretrained (model.safetensors + config.json)"
-            )
-        result = _load_external(model.encoder, str(path), strict)
-        if result is None:
-            report.source = f"{init} (external weights converted into the encoder)"
-            report.loaded = [f"encoder.{n}" for n in model.encoder.state_dict()]
-        else:
-            _fill_report(report, result, f"{init} (external weights converted into the encoder)")
-        return model, report
-
+        return _segmenter_from_scratch(spec), InitReport()
+    if Path(init).is_file():  # timm / torchvision weights for the encoder
+        return _segmenter_from_weights_file(spec, init)
     config = read_model_config(init)
     external = external_encoder_name(config)
     if external is not None:  # a released timm / transformers backbone (directory or hub id)
-        src_encoder, build = external
-        if name and encoder_name(name) != src_encoder:
-            raise ValueError(
-                f"model.name={name!r} (encoder {encoder_name(name)!r}) conflicts with model.init={init}, "
-                f"which holds {src_encoder!r}; drop model.name or make them agree"
-            )
-        overrides = with_input_size(name or src_encoder, input_size, {**build, **overrides})
-        model = create_segmenter(
-            name or src_encoder, num_classes, in_chans, decoder, decoder_kwargs, **overrides
-        )
-        result = model.encoder.load_pretrained_weights(init, strict=strict)
-        _fill_report(report, result, f"{init} ({src_encoder} weights)")
-        report.missing.extend(f"decoder.{n}" for n in model.decoder.state_dict())
-        return model, report
+        return _segmenter_from_release(spec, init, *external)
     src_encoder = _encoder_name_of(config)
-    if src_encoder is not None:
-        # an encoder directory: it carries the architecture
-        build = dict(config["hybridvision"]["build"])
-        src_in = build.pop("in_chans", in_chans)
-        build.pop("name")
-        if src_in != in_chans:
-            raise ValueError(f"{init} was pretrained with in_chans={src_in} but data.in_chans={in_chans}")
-        if name and name != src_encoder:
-            preset_encoder = _preset_encoder(name)
-            if preset_encoder != src_encoder:
-                raise ValueError(
-                    f"model.name={name!r} (encoder {preset_encoder!r}) conflicts with model.init={init}, "
-                    f"which holds a {src_encoder!r} encoder; drop model.name or make them agree"
-                )
-        model = create_segmenter(
-            name or src_encoder, num_classes, in_chans, decoder, decoder_kwargs, **{**build, **overrides}
-        )
-        encoder = from_pretrained(init)
-        load_matching(model.encoder, encoder.state_dict(), strict, report, prefix="encoder.")
-        report.source = f"{init} (encoder {src_encoder})"
-        report.missing = [m for m in report.missing if not m.startswith("decoder.")]
-        report.missing.extend(f"decoder.{n}" for n in model.decoder.state_dict())
-        return model, report
+    if src_encoder is not None:  # an encoder directory: it carries the architecture
+        return _segmenter_from_encoder_dir(spec, init, config, src_encoder)
+    return _segmenter_from_model_dir(spec, init, config)
 
-    # a full model directory (ours or transformers SegFormer) or hub id
-    loaded = from_pretrained(init)
-    source = init
-    if isinstance(loaded, Segmenter):
-        build = dict(loaded.build_kwargs)
-        src_name = build.pop("name")
-        for key in ("num_classes", "in_chans"):
-            build.pop(key, None)
-        if name and name != src_name and _preset_encoder(name) != _preset_encoder(src_name):
+
+@dataclass(frozen=True)
+class _SegmenterSpec:
+    """The arguments of :func:`build_segmenter` that say what to build (``overrides`` copied)."""
+
+    name: str  #: segmenter preset or encoder name; may be empty
+    num_classes: int  #: classes of the new task
+    in_chans: int  #: input channels
+    strict: bool  #: shape mismatches are errors (True) or skipped and listed (False)
+    decoder: str | None  #: passed to :func:`create_segmenter`
+    decoder_kwargs: dict[str, Any] | None  #: passed to :func:`create_segmenter`
+    overrides: dict[str, Any]  #: passed to :func:`create_segmenter`
+    input_size: tuple[int, int] | None  #: the training crop (H, W)
+
+    def create(self, name: str, **overrides: Any) -> Segmenter:
+        """:func:`create_segmenter` ``name`` for this task with ``overrides``."""
+        return create_segmenter(
+            name, self.num_classes, self.in_chans, self.decoder, self.decoder_kwargs, **overrides
+        )
+
+
+def _segmenter_from_scratch(spec: _SegmenterSpec) -> Segmenter:
+    """``model.init`` unset: ``spec.name`` with random weights."""
+    if not spec.name:
+        raise ValueError("model.name is empty and model.init is not set: nothing says which model to build")
+    return spec.create(spec.name, **with_input_size(spec.name, spec.input_size, spec.overrides))
+
+
+def _segmenter_from_weights_file(spec: _SegmenterSpec, init: str) -> tuple[Segmenter, InitReport]:
+    """``model.init`` a timm / torchvision weights file, converted into the encoder of ``spec.name``."""
+    name = spec.name
+    if not name:
+        raise ValueError(f"model.init={init} is a weights file: set model.name to the encoder it belongs to")
+    model = spec.create(name, **with_input_size(name, spec.input_size, spec.overrides))
+    loader = getattr(model.encoder, "load_pretrained_weights", None)
+    if loader is None:
+        raise ValueError(
+            f"model.init={init} is a weights file, but the encoder of {name!r} cannot convert external "
+            "weight files (only the timm/torchvision families can); for hybridvision models set "
+            "model.init to a directory written by save_pretrained (model.safetensors + config.json)"
+        )
+    report = InitReport()
+    result = _load_external(model.encoder, str(Path(init)), spec.strict)
+    if result is None:
+        report.source = f"{init} (external weights converted into the encoder)"
+        report.loaded = [f"encoder.{n}" for n in model.encoder.state_dict()]
+    else:
+        _fill_report(report, result, f"{init} (external weights converted into the encoder)")
+    return model, report
+
+
+def _segmenter_from_release(
+    spec: _SegmenterSpec, init: str, src_encoder: str, build: dict[str, Any]
+) -> tuple[Segmenter, InitReport]:
+    """``model.init`` a released timm / transformers backbone: its encoder loaded, a fresh decoder."""
+    name = spec.name
+    if name and encoder_name(name) != src_encoder:
+        raise ValueError(
+            f"model.name={name!r} (encoder {encoder_name(name)!r}) conflicts with model.init={init}, "
+            f"which holds {src_encoder!r}; drop model.name or make them agree"
+        )
+    overrides = with_input_size(name or src_encoder, spec.input_size, {**build, **spec.overrides})
+    model = spec.create(name or src_encoder, **overrides)
+    result = model.encoder.load_pretrained_weights(init, strict=spec.strict)
+    report = InitReport()
+    _fill_report(report, result, f"{init} ({src_encoder} weights)")
+    report.missing.extend(f"decoder.{n}" for n in model.decoder.state_dict())
+    return model, report
+
+
+def _segmenter_from_encoder_dir(
+    spec: _SegmenterSpec, init: str, config: dict[str, Any], src_encoder: str
+) -> tuple[Segmenter, InitReport]:
+    """``model.init`` one of our encoder directories (``pretrain/``): its encoder, a fresh decoder."""
+    name, in_chans = spec.name, spec.in_chans
+    build = dict(config["hybridvision"]["build"])
+    src_in = build.pop("in_chans", in_chans)
+    build.pop("name")
+    if src_in != in_chans:
+        raise ValueError(f"{init} was pretrained with in_chans={src_in} but data.in_chans={in_chans}")
+    if name and name != src_encoder:
+        preset_encoder = _preset_encoder(name)
+        if preset_encoder != src_encoder:
             raise ValueError(
-                f"model.name={name!r} conflicts with model.init={init}, which holds {src_name!r}"
+                f"model.name={name!r} (encoder {preset_encoder!r}) conflicts with model.init={init}, "
+                f"which holds a {src_encoder!r} encoder; drop model.name or make them agree"
             )
-        build.update(overrides)
-        dec = build.pop("decoder", None) if decoder is None else decoder
-        dkw = build.pop("decoder_kwargs", None) if decoder_kwargs is None else decoder_kwargs
-        build.pop("decoder", None)
-        build.pop("decoder_kwargs", None)
-        model = create_segmenter(src_name, num_classes, in_chans, dec, dkw, **build)
-        state = loaded.state_dict()
+    model = spec.create(name or src_encoder, **{**build, **spec.overrides})
+    encoder = from_pretrained(init)
+    report = InitReport()
+    load_matching(model.encoder, encoder.state_dict(), spec.strict, report, prefix="encoder.")
+    report.source = f"{init} (encoder {src_encoder})"
+    report.missing = [m for m in report.missing if not m.startswith("decoder.")]
+    report.missing.extend(f"decoder.{n}" for n in model.decoder.state_dict())
+    return model, report
+
+
+def _segmenter_from_model_dir(
+    spec: _SegmenterSpec, init: str, config: dict[str, Any]
+) -> tuple[Segmenter, InitReport]:
+    """``model.init`` a full model directory (ours or transformers SegFormer) or hub id."""
+    loaded = from_pretrained(init)
+    report = InitReport(source=init)
+    if isinstance(loaded, Segmenter):
+        model, state = _segmenter_like(spec, init, loaded)
         head = config.get("extra", {}).get("reconstruction_head")
         if head:  # a pretraining reconstruction layer: the new task's classifier starts fresh
             state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
-            source = f"{init} (pretrained encoder + decoder; {head} re-initialised for the task)"
-        load_matching(model, state, strict, report)
+            report.source = f"{init} (pretrained encoder + decoder; {head} re-initialised for the task)"
+        load_matching(model, state, spec.strict, report)
     elif isinstance(loaded, Encoder):
         build = dict(loaded.build_kwargs)
         src_name = build.pop("name")
         build.pop("in_chans", None)
-        model = create_segmenter(
-            name or src_name, num_classes, in_chans, decoder, decoder_kwargs, **build, **overrides
-        )
-        load_matching(model.encoder, loaded.state_dict(), strict, report, prefix="encoder.")
+        model = spec.create(spec.name or src_name, **build, **spec.overrides)
+        load_matching(model.encoder, loaded.state_dict(), spec.strict, report, prefix="encoder.")
     else:  # pragma: no cover - from_pretrained only returns the two kinds
         raise TypeError(type(loaded))
-    report.source = source
     return model, report
+
+
+def _segmenter_like(spec: _SegmenterSpec, init: str, loaded: Segmenter) -> tuple[Segmenter, dict[str, Any]]:
+    """A new segmenter built as ``loaded`` (for ``spec``'s task, with its overrides) and ``loaded``'s state."""
+    build = dict(loaded.build_kwargs)
+    src_name = build.pop("name")
+    for key in ("num_classes", "in_chans"):
+        build.pop(key, None)
+    name = spec.name
+    if name and name != src_name and _preset_encoder(name) != _preset_encoder(src_name):
+        raise ValueError(f"model.name={name!r} conflicts with model.init={init}, which holds {src_name!r}")
+    build.update(spec.overrides)
+    dec = build.pop("decoder", None) if spec.decoder is None else spec.decoder
+    dkw = build.pop("decoder_kwargs", None) if spec.decoder_kwargs is None else spec.decoder_kwargs
+    build.pop("decoder", None)
+    build.pop("decoder_kwargs", None)
+    model = create_segmenter(src_name, spec.num_classes, spec.in_chans, dec, dkw, **build)
+    return model, loaded.state_dict()
 
 
 def build_encoder(
