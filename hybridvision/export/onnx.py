@@ -1,5 +1,7 @@
-"""ONNX export of a segmenter: dynamic sizes where the graph allows them, else a fixed size recorded
-in the metadata; checked with ``onnx.checker`` and against PyTorch."""
+"""ONNX export of a segmenter, checked with ``onnx.checker`` and against PyTorch.
+
+Dynamic sizes where the graph allows them, else a fixed size recorded in the metadata.
+"""
 
 from __future__ import annotations
 
@@ -107,6 +109,11 @@ def _fused_copy(seg: Segmenter) -> Segmenter:
 
 
 def unwrap_segmenter(model: nn.Module) -> Segmenter:
+    """The :class:`Segmenter` inside DDP / ``torch.compile`` wrappers.
+
+    Raises:
+        TypeError: ``model`` is no hybridvision Segmenter.
+    """
     model = getattr(model, "module", model)  # DDP
     model = getattr(model, "_orig_mod", model)  # torch.compile
     if not isinstance(model, Segmenter):
@@ -161,17 +168,50 @@ def export_onnx(
     Raises:
         ExportError: if ``onnx.checker`` rejects the graph or onnxruntime disagrees with PyTorch.
     """
-
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
     seg = unwrap_segmenter(model)
     traced = _fused_copy(seg)  # re-parameterisable branches (FastViT, RepViT, MobileOne) fused
-    data = dict(data_cfg or {})
+    crop = (int(train_crop[0]), int(train_crop[1]))
+    metadata = _export_metadata(seg, dict(data_cfg or {}), class_names, crop, opset, ignore_index)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = seg.training
+    device = next(seg.parameters()).device
+    seg.eval().cpu()
+    traced.eval().cpu()
+    dummy = torch.randn(2, metadata["in_chans"], *crop, generator=torch.Generator().manual_seed(0))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        _write_graph(traced, dummy, tmp, metadata, opset, dynamic=True)
+        if verify:
+            size, diff = _verify_dynamic(seg, traced, dummy, tmp, metadata, atol, fixed_size_fallback)
+            if not diff <= atol:
+                raise ExportError(
+                    f"{path}: onnxruntime disagrees with PyTorch at {size[0]}x{size[1]}: max abs logit diff "
+                    f"{diff:.3g} > {atol}"
+                )
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        seg.to(device).train(was_training)
+    return path
+
+
+def _export_metadata(
+    seg: Segmenter,
+    data: dict[str, Any],
+    class_names: Sequence[str] | None,
+    crop: tuple[int, int],
+    opset: int,
+    ignore_index: int | None,
+) -> dict[str, Any]:
+    """The deployment metadata stored in the graph (see :func:`export_onnx` for the arguments)."""
     in_chans = int(seg.build_kwargs.get("in_chans", data.get("in_chans", 3)))
     num_classes = int(seg.num_classes)
-    crop = (int(train_crop[0]), int(train_crop[1]))
     names = list(class_names or data.get("class_names") or [f"class_{i}" for i in range(max(num_classes, 2))])
-    metadata = {
+    return {
         "format_version": 1,
         "in_chans": in_chans,
         "num_classes": num_classes,
@@ -193,56 +233,55 @@ def export_onnx(
         "opset": opset,
         "precision": "fp32",
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = seg.training
-    device = next(seg.parameters()).device
-    seg.eval().cpu()
-    traced.eval().cpu()
-    dummy = torch.randn(2, in_chans, *crop, generator=torch.Generator().manual_seed(0))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    name = seg.build_kwargs.get("name")
-    try:
-        _write_graph(traced, dummy, tmp, metadata, opset, dynamic=True)
-        if verify:
-            size = check_size(crop, metadata["size_divisor"])
-            if seg.encoder.input_size:  # at most the fixed size, and not a multiple of the divisor
-                size = tuple(max(1, s - metadata["size_divisor"] // 2 - 1) for s in seg.encoder.input_size)
-            diff = _max_diff(seg, tmp, size)
-            if not diff <= atol and not seg.encoder.input_size and fixed_size_fallback:
-                # the traced graph kept sizes of the trace (e.g. MobileViT's unfold): export it at the
-                # crop size, recorded in the metadata; the predictors slide windows of that size
-                _logger.warning(
-                    "%s: the ONNX graph does not generalise beyond %dx%d (max abs logit diff %s at %dx%d): "
-                    "exported at the fixed input size %dx%d; predictors slide windows of that size",
-                    name,
-                    *crop,
-                    f"{diff:.3g}",
-                    *size,
-                    *crop,
-                )
-                metadata["input_size"] = list(crop)
-                _write_graph(traced, dummy, tmp, metadata, opset, dynamic=False)
-                size = crop
-                diff = _max_diff(seg, tmp, size)
-            if not diff <= atol:
-                raise ExportError(
-                    f"{path}: onnxruntime disagrees with PyTorch at {size[0]}x{size[1]}: max abs logit diff "
-                    f"{diff:.3g} > {atol}"
-                )
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-        seg.to(device).train(was_training)
-    return path
+
+
+def _verify_dynamic(
+    seg: Segmenter,
+    traced: Segmenter,
+    dummy: Tensor,
+    tmp: Path,
+    metadata: dict[str, Any],
+    atol: float,
+    fixed_size_fallback: bool,
+) -> tuple[tuple[int, ...], float]:
+    """Compare the graph at ``tmp`` with PyTorch at a size the trace did not see.
+
+    A dynamic graph that disagrees (it kept sizes of the trace, e.g. MobileViT's unfold) is
+    re-exported at the crop size, recorded as the metadata's ``input_size`` (the predictors slide
+    windows of that size), when ``fixed_size_fallback``.
+
+    Returns:
+        The size compared at last and the max abs logit difference there.
+    """
+    divisor = metadata["size_divisor"]
+    crop = tuple(metadata["train_crop"])
+    size = check_size(crop, divisor)
+    if seg.encoder.input_size:  # at most the fixed size, and not a multiple of the divisor
+        size = tuple(max(1, s - divisor // 2 - 1) for s in seg.encoder.input_size)
+    diff = _max_diff(seg, tmp, size)
+    if diff <= atol or seg.encoder.input_size or not fixed_size_fallback:
+        return size, diff
+    _logger.warning(
+        "%s: the ONNX graph does not generalise beyond %dx%d (max abs logit diff %s at %dx%d): "
+        "exported at the fixed input size %dx%d; predictors slide windows of that size",
+        seg.build_kwargs.get("name"),
+        *crop,
+        f"{diff:.3g}",
+        *size,
+        *crop,
+    )
+    metadata["input_size"] = list(crop)
+    _write_graph(traced, dummy, tmp, metadata, metadata["opset"], dynamic=False)
+    return crop, _max_diff(seg, tmp, crop)
 
 
 def _write_graph(
     model: nn.Module, dummy: Tensor, path: Path, metadata: dict[str, Any], opset: int, dynamic: bool
 ) -> None:
-    """Trace ``model`` to ``path`` (dynamic batch; dynamic height/width if ``dynamic``), add the metadata
-    and check the graph."""
+    """Trace ``model`` to ``path``, add the metadata and check the graph.
+
+    The batch is dynamic; height and width too if ``dynamic``.
+    """
     import onnx
 
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
@@ -300,6 +339,7 @@ def verify_onnx(
         onnx_path: its ONNX file.
         sizes: (H, W) input sizes.
         batch_sizes: batch sizes tried at every size.
+        seed: seed of the random inputs.
 
     Returns:
         One dict per (size, batch): ``size``, ``batch``, ``max_abs_diff``, ``argmax_agreement``
