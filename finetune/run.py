@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `fine
 
 from typing import TYPE_CHECKING  # noqa: E402
 
-from finetune.config import DEFAULT_PRETRAINED_ENCODER, FALLBACK_MODEL, FinetuneConfig  # noqa: E402
+from finetune.build import build_model, resolve_init, scheduled_size  # noqa: E402
+from finetune.config import FinetuneConfig  # noqa: E402
 from hybridvision.config import cli_main, config_to_dict  # noqa: E402
 from hybridvision.io import write_json_atomic  # noqa: E402
 
@@ -25,42 +26,6 @@ if TYPE_CHECKING:
 
 # torch, accelerate, torchvision and the model zoo are imported inside the functions that use them,
 # so `--help` and config errors answer at once
-
-
-def resolve_init(cfg: FinetuneConfig) -> str:
-    init = cfg.model.init
-    if init == "auto":
-        return (
-            DEFAULT_PRETRAINED_ENCODER if (Path(DEFAULT_PRETRAINED_ENCODER) / "config.json").is_file() else ""
-        )
-    return init
-
-
-def default_model_name(init: str) -> str:
-    """``model.name`` when none is given: the default preset, also for an encoder of its kind in
-    ``init`` (so it keeps the preset's decoder); '' where ``init`` names another architecture."""
-    from hybridvision.models.hub import read_model_config
-    from hybridvision.models.registry import segmenter_spec
-    from hybridvision.models.transfer import _encoder_name_of
-
-    if not init:
-        return FALLBACK_MODEL
-    if not (Path(init) / "config.json").is_file():
-        return ""  # weights files, hub ids, missing paths: build_segmenter decides or names the problem
-    try:
-        encoder = _encoder_name_of(read_model_config(init))
-    except (OSError, ValueError, KeyError):
-        return ""  # build_segmenter names the unreadable file
-    return FALLBACK_MODEL if encoder == segmenter_spec(FALLBACK_MODEL).encoder else ""
-
-
-def scheduled_size(cfg: FinetuneConfig, step: int) -> int | None:
-    """Side length of the progressive-resizing schedule at ``step`` (None: no schedule)."""
-    side = None
-    for start, value in cfg.augment.size_schedule:
-        if step >= start:
-            side = value
-    return side
 
 
 def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
@@ -72,18 +37,16 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
             ``cfg.model`` describes (used by ``benchmarks/peers_seg.py`` for peer libraries' models,
             which are then not exported).
     """
-    import torch
     import torch.nn.functional as F
 
+    from finetune.build import metrics_line
     from hybridvision.data.from_config import resolve_resize
-    from hybridvision.data.loader import collate_mixed_sizes
     from hybridvision.engine import Engine, StepOutput
-    from hybridvision.losses import build_segmentation_loss
     from hybridvision.models import save_pretrained
     from hybridvision.models.profile import model_summary
-    from hybridvision.models.transfer import build_segmenter
     from hybridvision.segmentation.data import build_data, labelled_line
     from hybridvision.segmentation.evaluate import evaluate_segmenter
+    from hybridvision.segmentation.training import build_eval_loader, build_task_loss
 
     data, resize_line = resolve_resize(cfg.data)  # the one resolution of data.resize=auto
     cfg = dataclasses.replace(cfg, data=data)
@@ -93,20 +56,7 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
     init = resolve_init(cfg) if model is None else "external"
     exportable = model is None
     if model is None:
-        name = cfg.model.name or default_model_name(init)
-        model, report = build_segmenter(
-            name,
-            d.num_classes,
-            d.in_chans,
-            init=init,
-            strict=cfg.model.init_strict,
-            decoder=cfg.model.decoder or None,
-            decoder_kwargs=cfg.model.decoder_kwargs or None,
-            overrides=cfg.model.overrides,
-            input_size=tuple(d.image_size),
-        )
-        if engine.resume_checkpoint is None:  # else the weights come from the checkpoint
-            engine.print(report.summary())
+        model = build_model(cfg, init, engine)
     engine.print(model_summary(model))
 
     engine.print(resize_line)
@@ -115,13 +65,8 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
     labelled = {} if data.labelled_ids is None else {"labelled_ids": data.labelled_ids}
     if labelled:
         engine.print(labelled_line(d, data.labelled_ids, len(data.unlabelled_rest or ())))
-    criterion = build_segmentation_loss(
-        d.num_classes,
-        d.ignore_index,
-        cfg.loss.weights,
-        cfg.loss.class_weights or None,
-        cfg.loss.label_smoothing,
-    )
+    eval_loader = build_eval_loader(val_set, cfg, acc)
+    criterion = build_task_loss(cfg)
 
     ema = None
     if cfg.model.ema_decay > 0:
@@ -142,14 +87,6 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
 
     def eval_model(m: nn.Module) -> nn.Module:
         return ema.module if ema is not None else acc.unwrap_model(m)
-
-    eval_loader = None
-    if val_set is not None:
-        eval_loader = acc.prepare_data_loader(
-            torch.utils.data.DataLoader(
-                val_set, batch_size=cfg.eval.batch_size, collate_fn=collate_mixed_sizes
-            )  # images of different sizes are evaluated at their own size
-        )
 
     def eval_fn(eng: Engine, m: nn.Module) -> dict:
         metrics, grid = evaluate_segmenter(eval_model(m), eval_loader, cfg, acc)
@@ -189,10 +126,7 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
     acc.wait_for_everyone()
     m = result["final_metrics"]
     if m:
-        engine.print(
-            f"mIoU={m['miou']:.4f} mean Dice={m['mean_dice']:.4f} pixel acc={m['pixel_accuracy']:.4f} "
-            f"(per class IoU: {', '.join(f'{n}={v:.3f}' for n, v in zip(m['class_names'], m['iou']) if v is not None)})"
-        )
+        engine.print(metrics_line(m))
     written = f"model written to {out / 'model'}; " if exportable else ""
     engine.print(f"{written}metrics in {out / 'metrics.json'}")
     engine.close()
@@ -202,7 +136,7 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
 if __name__ == "__main__":
     code = cli_main(FinetuneConfig, main)
     if "hybridvision.engine" in sys.modules:  # imported only if a run started (not for --help)
-        sys.modules["hybridvision.engine"].shutdown_distributed()
-    if "hybridvision.engine" in sys.modules:  # an interrupted run exits 130 (SIGINT) / 143 (SIGTERM)
-        code = code or sys.modules["hybridvision.engine"].pending_exit_code()
+        engine_module = sys.modules["hybridvision.engine"]
+        engine_module.shutdown_distributed()
+        code = code or engine_module.pending_exit_code()  # interrupted: 130 (SIGINT) / 143 (SIGTERM)
     sys.exit(code)

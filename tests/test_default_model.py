@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from finetune.build import default_model_name
 from finetune.config import FALLBACK_MODEL
-from finetune.run import default_model_name
 from hybridvision.models import create_encoder, create_segmenter, save_pretrained
 from hybridvision.models.encoders.hybrid import AttentionBlock
 from hybridvision.models.registry import segmenter_spec

@@ -172,8 +172,8 @@ def test_ema_progressive_resizing_and_sliding_eval(tmp_path: Path):
 
 
 def test_scheduled_size():
+    from finetune.build import scheduled_size
     from finetune.config import FinetuneConfig
-    from finetune.run import scheduled_size
     from hybridvision.config import apply_overrides
 
     cfg = apply_overrides(FinetuneConfig(), ["augment.size_schedule=[[0,48],[100,64]]"])
