@@ -1,5 +1,6 @@
 # Two commands for a fresh machine: `make demo` (install + run the pipeline on the built-in
-# dataset: pretrain -> finetune -> distill -> ONNX/int8 export and report) and `make test` (install + run the test suite). Both install with pip first.
+# dataset: pretrain -> finetune -> distill -> ONNX/int8 export and report) and `make test` (install,
+# ruff and mypy on hybridvision/, then the test suite). Both install with pip first.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO_DIR ?= runs/demo
@@ -18,6 +19,8 @@ demo: install
 	$(PYTHON) distill/run.py train.output_dir=$(DEMO_DIR)/distill teacher=$(DEMO_DIR)/finetune/model export.int8=true
 
 test: install-dev
+	ruff check hybridvision
+	$(PYTHON) -m mypy
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 lint: install-dev

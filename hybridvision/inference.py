@@ -18,7 +18,7 @@ The functions do not change the model's train/eval mode and run without gradient
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,7 @@ def _scores(model: Model, images: Tensor, num_classes: int | None, tta_flips: Se
         scores = logits.float() if logits.shape[1] == 1 else logits.float().softmax(dim=1)
         scores = scores.flip(dims) if dims else scores
         total = scores if total is None else total + scores
+    assert total is not None  # views holds the identity
     return total / len(views)
 
 
@@ -199,6 +200,7 @@ def predict_sliding_window(
             scores = torch.zeros(b, out.shape[1], ph, pw, device=image.device)
         for (i, y, x), tile in zip(chunk, out):
             scores[i, :, y : y + wh, x : x + ww] += tile * weight
+    assert scores is not None  # at least one tile
     scores = scores / norm
     return _finish(scores[..., :h, :w], output)
 
@@ -259,7 +261,7 @@ class Predictor:
         self.model = model
         self.mode = mode
         self.num_classes = num_classes
-        self.window = tuple(window) if window is not None else None
+        self.window = cast("tuple[int, int]", tuple(window)) if window is not None else None
         self.overlap = overlap
         self.blend = blend
         self.batch_size = batch_size
@@ -287,7 +289,7 @@ class Predictor:
         return predict_sliding_window(
             self.model,
             images,
-            self.window,
+            self.window,  # type: ignore[arg-type]  # set for mode="slide" (checked in __init__)
             overlap=self.overlap,
             blend=self.blend,
             batch_size=self.batch_size,

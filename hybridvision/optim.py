@@ -74,7 +74,7 @@ def param_groups(
         wd = 0.0 if (param.ndim <= 1 or name in no_decay or name.endswith(".bias")) else weight_decay
         scale = _lr_mult(name, lr_mult)
         if layer_decay < 1.0:
-            scale *= layer_decay ** (num_layers - layer_id(name))
+            scale *= layer_decay ** (num_layers - layer_id(name))  # type: ignore[misc, operator]  # both checked above
         key = (wd, scale)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": wd, "lr_scale": scale, "names": []}

@@ -56,7 +56,7 @@ def extract_pixel_features(
     for batch in batches:
         images = batch["image"].to(device)
         masks = batch["mask"].to(device)
-        feats = encoder.forward_features(images)
+        feats = encoder.forward_features(images)  # type: ignore[operator]  # an Encoder; nn.Module.__getattr__ typing
         chosen = [feats[i] for i in stages]
         size = chosen[0].shape[-2:]
         grid = torch.cat(

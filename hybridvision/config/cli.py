@@ -14,7 +14,7 @@ import textwrap
 import tokenize
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
 
@@ -75,7 +75,7 @@ def field_descriptions(cls: type) -> dict[str, str]:
     except (tokenize.TokenError, IndentationError):
         return {}
     out: dict[str, str] = {}
-    for node in ast.parse(source).body[0].body:  # the class body
+    for node in cast(ast.ClassDef, ast.parse(source).body[0]).body:  # the class body
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
             text = next((comments[n] for n in lines if n in comments), None)
@@ -91,7 +91,7 @@ def help_text(cls: type) -> str:
     rows: list[tuple[str, str]] = []
 
     def walk(obj: Any, prefix: str) -> None:
-        docs = field_descriptions(type(obj))
+        docs = field_descriptions(type(obj))  # type: ignore[arg-type]  # types are hashable; typeshed's lru_cache wants Hashable
         for f in dataclasses.fields(obj):
             if not f.init:
                 continue

@@ -160,7 +160,7 @@ class DataConfig:
         """
         if self.resize == "auto":
             raise RuntimeError("data.resize=auto is resolved from the training images before use")
-        return None if self.resize == "native" else list(self.resize)
+        return None if isinstance(self.resize, str) else list(self.resize)  # str: "native" here
 
     @property
     def normalization(self) -> str | tuple[list[float], list[float]]:

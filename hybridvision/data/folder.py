@@ -31,7 +31,7 @@ Transform = Callable[[Sample], Any]
 
 # Errors that mean "this file cannot be used" for unlabelled pretraining: unreadable (READ_ERRORS)
 # or an odd channel count (ValueError).
-_READ_ERRORS = (*READ_ERRORS, ValueError)
+_READ_ERRORS: tuple[type[BaseException], ...] = (*READ_ERRORS, ValueError)
 
 
 class ImageFolderDataset(Dataset):
@@ -300,6 +300,7 @@ class SegmentationFolderDataset(Dataset):
     def _check_label_statistics(self, total: int) -> None:
         """Refuse a split whose only foreground is the ignore value; warn on absent classes."""
         counts, ignored = self.class_pixel_counts, self.ignored_pixel_count
+        assert counts is not None and ignored is not None  # set just before this is called
         where = self.root / "masks" / self.split
         if ignored and not int(counts[1:].sum()) and self.mask_values is None:
             raise ValueError(

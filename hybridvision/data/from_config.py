@@ -14,7 +14,7 @@ import dataclasses
 import difflib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -191,7 +191,7 @@ def labelled_subset(train: Dataset, cfg: DataConfig, seed: int) -> tuple[Dataset
     """
     if not cfg.labelled_ids and cfg.label_fraction >= 1.0:
         return train, None
-    ids = [str(i) for i in (getattr(train, "ids", None) or range(len(train)))]
+    ids = [str(i) for i in (getattr(train, "ids", None) or range(len(train)))]  # type: ignore[arg-type]  # torch's Dataset declares no __len__; map-style ones have it
     if cfg.labelled_ids:
         wanted = {str(i) for i in cfg.labelled_ids}
         missing = sorted(wanted - set(ids))
@@ -224,9 +224,13 @@ def build_labelled_datasets(
     ignore = cfg.ignore_index
     classes = max(cfg.num_classes, 2)
     if kind == "synthetic":
-        common = dict(image_size=cfg.image_size, num_classes=classes, in_chans=cfg.in_chans, labelled=True)
-        train = SyntheticShapesDataset(cfg.synthetic_samples, seed=seed, transform=train_transform, **common)
-        val = None
+        common: dict[str, Any] = dict(
+            image_size=cfg.image_size, num_classes=classes, in_chans=cfg.in_chans, labelled=True
+        )
+        train: Dataset = SyntheticShapesDataset(
+            cfg.synthetic_samples, seed=seed, transform=train_transform, **common
+        )
+        val: Dataset | None = None
         if cfg.val_split and cfg.synthetic_val_samples:
             val = SyntheticShapesDataset(
                 cfg.synthetic_val_samples,
@@ -263,7 +267,7 @@ def build_labelled_datasets(
             f"data.source={cfg.source} has no images/ and masks/ folders: fine-tuning needs "
             "images/<split>/<id>.<ext> with masks/<split>/<id>.png"
         )
-    hf = dict(
+    hf: dict[str, Any] = dict(
         image_column=cfg.image_column,
         mask_column=cfg.mask_column,
         in_chans=cfg.in_chans,
@@ -315,7 +319,7 @@ def _header_size(path: Path) -> tuple[int, int] | None:
 
         try:
             image = read_image(path, 1)
-        except (*READ_ERRORS, ValueError):
+        except READ_ERRORS + (ValueError,):
             return None  # a broken file: the dataset names it (data.on_bad_file)
         return int(image.shape[-2]), int(image.shape[-1])
 
@@ -360,10 +364,11 @@ def image_sizes(cfg: DataConfig, limit: int = SIZE_PROBE_LIMIT) -> list[tuple[in
 def auto_resize(sizes: list[tuple[int, int]] | None, crop: tuple[int, int]) -> list[int] | None:
     """The scale ``data.resize=auto`` picks.
 
-    None (native) when the images share one scale (every short side and every long side within :data:`SAME_SCALE_RATIO` of each other, e.g. equal-size
-    slices), else ``[min(crop), 4 * max(crop)]``: each image's short side becomes the crop's, so a
-    crop sees about the whole image at the base scale (MMSegmentation's convention: ADE20K's
-    ``scale=(2048, 512)`` with 512 crops).
+    None (native) when the images share one scale (every short side and every long side within
+    :data:`SAME_SCALE_RATIO` of each other, e.g. equal-size slices), else
+    ``[min(crop), 4 * max(crop)]``: each image's short side becomes the crop's, so a crop sees about
+    the whole image at the base scale (MMSegmentation's convention: ADE20K's ``scale=(2048, 512)``
+    with 512 crops).
     """
     if not sizes:
         return None
@@ -384,7 +389,7 @@ def resolve_resize(cfg: DataConfig) -> tuple[DataConfig, str]:
     if cfg.resize != "auto":
         return cfg, f"data.resize={cfg.resize}"
     sizes = image_sizes(cfg)
-    scale = auto_resize(sizes, tuple(cfg.image_size))
+    scale = auto_resize(sizes, cast("tuple[int, int]", tuple(cfg.image_size)))
     resolved = dataclasses.replace(cfg, resize=scale if scale is not None else "native")
     if sizes is None:
         return resolved, "data.resize=auto -> native (image sizes are not known up front)"

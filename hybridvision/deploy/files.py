@@ -84,7 +84,7 @@ def run_over_files(
     predict: Callable[[np.ndarray], np.ndarray],
     num_classes: int,
     ignore_index: int,
-    progress: Callable[[Iterable], Iterable] = lambda it: it,
+    progress: Callable[[Sequence[Path]], Iterable[Path]] = lambda it: it,
 ) -> PredictResult:
     """The loop shared by both predictors: an unreadable image is reported and skipped, never fatal.
 

@@ -262,9 +262,10 @@ def _png16_low_rawmode(img: Image.Image) -> str | None:
     For a not yet loaded 16-bit-per-channel colour (or gray + alpha) PNG (see
     ``_PNG16_LOW_RAWMODES``); None for any other image.
     """
-    if img.format != "PNG" or len(img.tile) != 1:
+    tile = img.tile  # type: ignore[attr-defined]  # Pillow's stubs omit ImageFile.tile
+    if img.format != "PNG" or len(tile) != 1:
         return None
-    rawmode = img.tile[0].args
+    rawmode = tile[0].args
     return _PNG16_LOW_RAWMODES.get(rawmode) if isinstance(rawmode, str) else None
 
 

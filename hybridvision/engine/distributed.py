@@ -69,7 +69,7 @@ def decide_find_unused(
 
         samples = list(itertools.islice(iter(dataset), loader.batch_size or 1))
     else:
-        samples = [dataset[i] for i in range(min(loader.batch_size or 1, len(dataset)))]
+        samples = [dataset[i] for i in range(min(loader.batch_size or 1, len(dataset)))]  # type: ignore[arg-type]  # torch's Dataset declares no __len__
     batch = send_to_device(loader.collate_fn(samples), acc.device)
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     was_training = model.training

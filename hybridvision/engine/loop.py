@@ -202,6 +202,7 @@ class Engine:
             )
 
         def export(directory: Path) -> None:
+            assert export_fn is not None  # only passed on when export_fn is set
             export_fn(acc.unwrap_model(self.model), directory)
 
         return checkpoints.write_checkpoint(
@@ -438,7 +439,7 @@ class Engine:
         }
         reduced = mean_over_ranks(self.accelerator, {"__loss__": window.loss, **window.terms})
         mean_loss = reduced.pop("__loss__") / window.steps if window.steps else None
-        if window.steps:  # a window of skipped steps only has no loss to report
+        if mean_loss is not None:  # a window of skipped steps only has no loss to report
             logs["train/loss"] = mean_loss
             logs.update({f"train/{k}": v / window.steps for k, v in reduced.items()})
         if last.grad_norm is not None and torch.isfinite(torch.as_tensor(last.grad_norm)):

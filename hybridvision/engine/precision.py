@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -150,7 +151,7 @@ def _cached_cpu_bf16_speedup(measure: Callable[[], float], path: Path) -> tuple[
 
 def resolve_mixed_precision(
     measure: Callable[[], float] | None = None, cache_path: Path | None = None
-) -> tuple[str, str]:
+) -> tuple[Literal["no", "bf16", "fp16"], str]:
     """``train.mixed_precision=auto``: the autocast mode that trains fastest here, and why.
 
     GPU: ``bf16`` where supported (Ampere and later), else ``fp16`` (with GradScaler). CPU: measured,
@@ -170,7 +171,7 @@ def resolve_mixed_precision(
     speedup, source = _cached_cpu_bf16_speedup(
         measure or measure_cpu_bf16_speedup, cache_path or precision_cache_path()
     )
-    mode = "bf16" if speedup >= CPU_BF16_MIN_SPEEDUP else "no"
+    mode: Literal["no", "bf16"] = "bf16" if speedup >= CPU_BF16_MIN_SPEEDUP else "no"
     return mode, (
         f"CPU: bf16 matmuls and convolutions ran at {speedup:.2f}x the fp32 speed, bf16 needs "
         f">= {CPU_BF16_MIN_SPEEDUP}x; {source}"

@@ -207,6 +207,7 @@ class FocalLoss(nn.Module):
 
     def _alpha_t(self, safe_target: Tensor, num_classes: int) -> Tensor:
         alpha = self.alpha
+        assert alpha is not None  # only called when alpha is set
         if num_classes == 1:
             if alpha.numel() != 1:
                 raise ValueError("binary focal loss takes a single float alpha (weight of positives)")

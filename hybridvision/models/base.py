@@ -96,7 +96,7 @@ def apply_token_mask(feat: Tensor, mask: Tensor | None, mask_token: Tensor | Non
     """
     if mask is None:
         return feat
-    m = mask_to(mask, feat.shape[-2:]).to(feat.dtype)
+    m = mask_to(mask, (feat.shape[-2], feat.shape[-1])).to(feat.dtype)
     out = feat * (1.0 - m)
     if mask_token is not None:
         out = out + m * mask_token.to(feat.dtype).view(1, -1, 1, 1)
@@ -178,7 +178,8 @@ def encoder_layer_groups(encoder: Encoder, in_chans: int = 3) -> list[str]:
     first; the order is the order in which a forward pass first calls them (definition order can
     interleave stages, e.g. separate lists of patch embeddings and blocks).
     """
-    root, base = encoder, ""
+    root: nn.Module = encoder
+    base = ""
     children = [(n, c) for n, c in root.named_children() if any(True for _ in c.parameters())]
     while len(children) == 1 and not isinstance(
         children[0][1], (nn.ModuleList, nn.Sequential, nn.ModuleDict)

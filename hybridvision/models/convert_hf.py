@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .base import Encoder, Segmenter
 from .encoders.mit import MIT_PRESETS
 from .factory import create_encoder, create_segmenter
 from .registry import list_segmenters, segmenter_spec
@@ -245,7 +246,7 @@ def load_transformers_segformer(directory: str | os.PathLike) -> nn.Module:
             "embed_dim": int(config.get("decoder_hidden_size", _HF_DEFAULTS["decoder_hidden_size"])),
             "dropout": float(config.get("classifier_dropout_prob", _HF_DEFAULTS["classifier_dropout_prob"])),
         }
-        model = create_segmenter(
+        model: Segmenter | Encoder = create_segmenter(
             seg_name, num_classes=num_labels, in_chans=in_chans, decoder_kwargs=decoder_kwargs, **overrides
         )
     else:

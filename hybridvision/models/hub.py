@@ -80,7 +80,7 @@ def model_card(model: nn.Module, kind: str, extra: dict[str, Any]) -> str:
     Hugging Face's hub shows it as the model page (the YAML header gives library and tags); the
     full run config stays in ``config.json`` under ``extra.run_config``.
     """
-    build = model.build_kwargs
+    build: dict[str, Any] = model.build_kwargs  # type: ignore[assignment]  # nn.Module.__getattr__ is typed Tensor | Module
     name = build["name"]
     params = sum(p.numel() for p in model.parameters())
     run = extra.get("run_config") or {}
@@ -98,7 +98,7 @@ def model_card(model: nn.Module, kind: str, extra: dict[str, Any]) -> str:
     ]
     what = f"A hybridvision {kind} `{name}`"
     if kind == "segmenter":
-        encoder = model.encoder.build_kwargs.get("name", name)
+        encoder = model.encoder.build_kwargs.get("name", name)  # type: ignore[union-attr, operator]  # nn.Module.__getattr__ typing
         what += f" (encoder `{encoder}`, {build.get('num_classes')} output channels)"
     lines.append(f"{what}: {params / 1e6:.2f} M parameters, {build.get('in_chans', 3)} input channels.")
     if stage:
@@ -222,7 +222,7 @@ def from_pretrained(path_or_id: str | os.PathLike, map_location: str = "cpu") ->
     build = dict(meta["build"])
     name = build.pop("name")
     if meta["kind"] == "segmenter":
-        model = create_segmenter(name, **build)
+        model: Segmenter | Encoder = create_segmenter(name, **build)
     elif meta["kind"] == "encoder":
         model = create_encoder(name, **build)
     else:
@@ -238,5 +238,5 @@ def from_pretrained(path_or_id: str | os.PathLike, map_location: str = "cpu") ->
         raise ValueError(
             f"{weights} does not match {name!r}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}"
         )
-    model.pretrained_config = config
+    model.pretrained_config = config  # type: ignore[assignment]  # a plain attribute; nn.Module.__setattr__ typing
     return model

@@ -64,5 +64,5 @@ def model_summary(model: nn.Module) -> str:
         return f"model {type(model).__name__}: {params}"
     name = build["name"]
     preset_decoder = segmenter_spec(name).decoder if name in list_segmenters() else DEFAULT_DECODER
-    encoder = model.encoder.build_kwargs["name"]
+    encoder = model.encoder.build_kwargs["name"]  # type: ignore[union-attr, index]  # nn.Module.__getattr__ typing
     return f"model {name} (encoder {encoder}, decoder {build.get('decoder') or preset_decoder}): {params}"

@@ -12,7 +12,10 @@ import dataclasses
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = [
     "UnknownModelError",
@@ -125,9 +128,10 @@ def register_namespace(
 def fixed_input_size(name: str) -> Any:
     """The default fixed input size of encoder ``name`` (None: any size; zoo encoders take any)."""
     split = split_namespace(name) if isinstance(name, str) else None
-    if split is None or _NAMESPACES[split[0]][2] is None:
+    fixed = _NAMESPACES[split[0]][2] if split is not None else None
+    if split is None or fixed is None:
         return None
-    return _NAMESPACES[split[0]][2](split[1])
+    return fixed(split[1])
 
 
 def list_namespaces() -> dict[str, str]:
@@ -195,7 +199,7 @@ def list_segmenters() -> list[str]:
     return sorted(_SEGMENTERS)
 
 
-ConfigT = TypeVar("ConfigT")
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 
 
 def replace_preset(name: str, config: ConfigT, overrides: Mapping[str, Any]) -> ConfigT:

@@ -70,8 +70,10 @@ def build_data(cfg: Any) -> SegmentationData:
     train_set, ids = labelled_subset(full, d, cfg.train.seed)
     rest = None
     if ids is not None:
+        assert isinstance(train_set, Subset)  # labelled_subset returns ids with a Subset only
         kept = set(train_set.indices)
-        rest = Subset(full, [i for i in range(len(full)) if i not in kept]) if len(kept) < len(full) else None
+        n = len(full)  # type: ignore[arg-type]  # torch's Dataset declares no __len__
+        rest = Subset(full, [i for i in range(n) if i not in kept]) if len(kept) < n else None
     return SegmentationData(train_tf, train_set, val_set, ids, rest)
 
 

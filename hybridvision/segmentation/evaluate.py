@@ -87,7 +87,7 @@ def evaluate_segmenter(
                 per_sample = counts
             else:
                 if per_sample is None:
-                    total = sum(len(p) for _, p in groups)
+                    total = sum(len(p) for _, p in groups if p is not None)  # all set here
                     per_sample = counts.new_zeros((total, *counts.shape[1:]))
                 per_sample[positions.to(counts.device)] = counts
             if len(rows) < cfg.eval.grid_images and accelerator.is_main_process:

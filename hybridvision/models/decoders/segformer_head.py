@@ -7,6 +7,8 @@ resolution (the maps are upsampled to it).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -66,11 +68,12 @@ class SegFormerHead(nn.Module):
         n, e = len(feats), self.embed_dim
         fuse = self.linear_fuse.weight.view(e, n, e)  # (E, n, E): block j multiplies concat slot j
         blocks = [fuse[:, n - 1 - i] for i in range(n)]  # scale i sits in slot n-1-i (reversed concat)
-        bias = sum(block @ lin.proj.bias for block, lin in zip(blocks, self.linear_c))  # (E,)
+        projs = [cast(nn.Linear, lin.proj) for lin in self.linear_c]
+        bias = cast(Tensor, sum(block @ proj.bias for block, proj in zip(blocks, projs)))  # (E,)
         x = None
-        for feat, lin, block in zip(feats, self.linear_c, blocks):
+        for feat, proj, block in zip(feats, projs, blocks):
             # (E, C_i) composed matrix as a 1x1 conv; all biases enter once, at the finest scale
-            weight = (block @ lin.proj.weight)[:, :, None, None]  # (E, C_i, 1, 1)
+            weight = (block @ proj.weight)[:, :, None, None]  # (E, C_i, 1, 1)
             y = F.conv2d(feat, weight, bias if x is None else None)  # (B, E, H_i, W_i)
             if y.shape[-2:] != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)

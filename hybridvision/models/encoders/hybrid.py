@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,9 @@ from ..layers.fusion import FUSIONS, create_fusion
 from ..layers.linear_attention import LinearAttention
 from ..layers.window_attention import SwinBlockStack
 from ..registry import register_presets, replace_preset
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = [
     "StageConfig",
@@ -50,7 +53,7 @@ __all__ = [
 StageKind = Literal["conv", "conv_window_attn", "global_attn"]
 AttentionKind = Literal["softmax", "linear", "window"]
 _ATTENTION_KINDS = ("softmax", "linear", "window")
-ConfigT = TypeVar("ConfigT")
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 
 
 def replace_config(config: ConfigT, overrides: Mapping[str, Any]) -> ConfigT:
@@ -266,7 +269,14 @@ class TransformerStage(nn.Module):
             self.position_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
             self.blocks = nn.Sequential(
                 *(
-                    AttentionBlock(dim, num_heads, mlp_ratio, attention, drop_paths[i], layer_scale_init)
+                    AttentionBlock(
+                        dim,
+                        num_heads,
+                        mlp_ratio,
+                        cast('Literal["softmax", "linear"]', attention),  # not "window" here
+                        drop_paths[i],
+                        layer_scale_init,
+                    )
                     for i in range(depth)
                 )
             )

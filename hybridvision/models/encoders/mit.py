@@ -21,8 +21,10 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -173,7 +175,7 @@ class MiTBlock(nn.Module):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -244,7 +246,7 @@ class MixTransformer(Encoder):
 
     def _forward_features(self, x: Tensor, mask: Tensor | None, mask_token: Tensor | None) -> list[Tensor]:
         feats = []
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(cast("Iterable[MiTStage]", self.stages)):
             tokens, size = stage.patch_embed(x)  # (B, N, C)
             if i == 0 and mask is not None:
                 tokens = _tokens(apply_token_mask(_nchw_view(tokens, size), mask, mask_token))

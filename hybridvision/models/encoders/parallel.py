@@ -149,7 +149,7 @@ def _four_scales(
     heads: tuple[int, int, int, int],
 ) -> tuple[ParallelStageConfig, ...]:
     """Linear attention at strides 4 and 8 (O(N) global context), softmax attention at 16 and 32."""
-    attention = ("linear", "linear", "softmax", "softmax")
+    attention: tuple[Literal["softmax", "linear", "window"], ...] = ("linear", "linear", "softmax", "softmax")
     return tuple(
         ParallelStageConfig(dims[i], cnn_depths[i], transformer_depths[i], heads[i], attention[i])
         for i in range(4)

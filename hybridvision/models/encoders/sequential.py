@@ -7,8 +7,9 @@ any input size works without resampling.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from torch import Tensor, nn
 
@@ -137,7 +138,7 @@ class SequentialHybridEncoder(Encoder):
     def _forward_features(self, x: Tensor, mask: Tensor | None, mask_token: Tensor | None) -> list[Tensor]:
         x = apply_token_mask(self.stem(x), mask, mask_token)  # (B, C1, H/4, W/4)
         features = []
-        for stage in self.stages:
+        for stage in cast("Iterable[nn.Sequential]", self.stages):
             for block in stage:
                 x = apply_token_mask(block(x), mask, None)
             features.append(x)

@@ -218,7 +218,7 @@ class SwinTransformer(Encoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass to save activation memory."""
         for stage in self.layers:
-            stage.blocks.grad_checkpointing = enable
+            stage.blocks.grad_checkpointing = enable  # type: ignore[union-attr]  # nn.Module.__getattr__ typing
 
     def load_pretrained_weights(self, path: str | os.PathLike) -> list[str]:
         """Load a timm ``swin_*`` or official Microsoft Swin checkpoint (``.safetensors`` / ``.pth``).

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +175,7 @@ class StdBottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Args: x (B, C_in, H, W). Returns (B, C_out, H / stride, W / stride)."""
-        shortcut = x if self.downsample is None else self.gn_proj(self.downsample(x))
+        shortcut = x if self.downsample is None or self.gn_proj is None else self.gn_proj(self.downsample(x))
         y = self.relu(self.gn1(self.conv1(x)))
         y = self.relu(self.gn2(self.conv2(y)))
         y = self.gn3(self.conv3(y))
@@ -240,7 +240,7 @@ class TransUNetEncoder(Encoder):
             )
         )
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        stages = OrderedDict()
+        stages: OrderedDict[str, nn.Module] = OrderedDict()
         in_ch = width
         for i, units in enumerate(config.block_units):
             out_ch, mid = width * 4 * 2**i, width * 2**i  # 256/64, 512/128, 1024/256 for w = 64
@@ -277,8 +277,9 @@ class TransUNetEncoder(Encoder):
 
     def _forward_features(self, x: Tensor, mask: Tensor | None, mask_token: Tensor | None) -> list[Tensor]:
         """Args: x (B, in_chans, H, W), H and W multiples of 16. Returns 4 maps at strides 2..16."""
-        x = apply_token_mask(self.root.conv(x), mask, mask_token)  # (B, w, H/2, W/2)
-        x = self.root.relu(self.root.gn(x))
+        root = cast(Any, self.root)  # an nn.Sequential with named children conv, gn, relu
+        x = apply_token_mask(root.conv(x), mask, mask_token)  # (B, w, H/2, W/2)
+        x = root.relu(root.gn(x))
         features = [x]
         x = apply_token_mask(self.pool(x), mask, None)  # (B, w, H/4, W/4)
         for stage in self.body:

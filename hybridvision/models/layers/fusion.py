@@ -34,9 +34,9 @@ def _adaptive_avg_pool2d_traced(x: Tensor, out_h: Tensor, out_w: Tensor) -> Tens
     applied as two averaging matrices. Args: x (B, C, H, W). Returns (B, C, out_h, out_w).
     """
 
-    def bins(length: Tensor, out: Tensor) -> Tensor:  # (out, length) averaging matrix
-        i = torch.arange(out, device=x.device)[:, None]
-        j = torch.arange(length, device=x.device)[None, :]
+    def bins(length: int | Tensor, out: Tensor) -> Tensor:  # (out, length) averaging matrix
+        i = torch.arange(out, device=x.device)[:, None]  # type: ignore[call-overload]  # traced 0-d size; stubs take numbers
+        j = torch.arange(length, device=x.device)[None, :]  # type: ignore[arg-type]  # traced 0-d size; stubs take numbers
         start, end = i * length // out, ((i + 1) * length + out - 1) // out
         inside = ((j >= start) & (j < end)).to(x.dtype)
         return inside / inside.sum(dim=1, keepdim=True)

@@ -27,6 +27,7 @@ a window shrinks or a shift switches off; the values are those of the eager path
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +171,8 @@ class WindowAttention(nn.Module):
         proj_drop: dropout after the output projection.
     """
 
+    relative_position_index: Tensor  # (N_max, N_max) buffer, registered in __init__
+
     def __init__(
         self,
         dim: int,
@@ -183,7 +186,11 @@ class WindowAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.window_size = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
+        self.window_size: tuple[int, int] = (
+            (window_size, window_size)
+            if isinstance(window_size, int)
+            else cast("tuple[int, int]", tuple(window_size))
+        )
         wh, ww = self.window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
@@ -393,12 +400,13 @@ class SwinBlockStack(nn.ModuleList):
         as tensors and the mask is always built (all zeros where nothing is shifted), never cached.
         """
         ws = self.window_size
-        if is_tracing():
+        if is_tracing():  # 0-d tensors stand in for the ints of the annotations (see above)
             sizes = (torch.as_tensor(height), torch.as_tensor(width))
-            window = tuple(s.clamp(max=ws) for s in sizes)
-            shift = tuple((s > ws).long() * (ws // 2) for s in sizes)
-            hp, wp = ((s + win - 1) // win * win for s, win in zip(sizes, window))
-            return window, shift, shifted_window_mask(hp, wp, window, shift, device)
+            traced_window = tuple(s.clamp(max=ws) for s in sizes)
+            traced_shift = tuple((s > ws).long() * (ws // 2) for s in sizes)
+            traced_hp, traced_wp = ((s + win - 1) // win * win for s, win in zip(sizes, traced_window))
+            traced_mask = shifted_window_mask(traced_hp, traced_wp, traced_window, traced_shift, device)  # type: ignore[arg-type]  # traced: tensors as ints
+            return traced_window, traced_shift, traced_mask  # type: ignore[return-value]  # traced: tensors as ints
         window = (min(ws, height), min(ws, width))
         shift = (ws // 2 if height > ws else 0, ws // 2 if width > ws else 0)
         if shift == (0, 0):
