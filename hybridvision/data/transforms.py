@@ -65,6 +65,7 @@ class Window(v2.Transform):
         self.center, self.width = float(center), float(width)
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Map the image to [0, 1] through the window (clamped)."""
         low = self.center - self.width / 2.0
         out = ((inpt.as_subclass(torch.Tensor).float() - low) / self.width).clamp_(0.0, 1.0)
         return tv_tensors.wrap(out, like=inpt)
@@ -84,6 +85,7 @@ class PerImageNormalize(v2.Transform):
         self.eps = eps
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Normalise the image (C, H, W) by its own channel statistics."""
         x = inpt.as_subclass(torch.Tensor).float()  # (C, H, W)
         mean = x.mean(dim=(-2, -1), keepdim=True)
         std = x.std(dim=(-2, -1), keepdim=True, unbiased=False)
@@ -96,9 +98,11 @@ class RandomRot90(v2.Transform):
     _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Draw the number of quarter turns ``k``."""
         return {"k": int(torch.randint(4, ()).item())}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Rotate by ``k`` quarter turns."""
         return tv_tensors.wrap(
             torch.rot90(inpt.as_subclass(torch.Tensor), params["k"], dims=(-2, -1)), like=inpt
         )
@@ -129,12 +133,14 @@ class AlignedResize(v2.Transform):
         self.size = [int(size[0]), int(size[1])]
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Resize to ``size``."""
         return _resize(inpt, self.size)
 
 
 class RandomResize(v2.Transform):
-    """Rescale image and mask to a fixed scale, then by a random ratio (MMSegmentation's
-    ``RandomResize(scale, ratio_range, keep_ratio=True)``), in one resampling.
+    """Rescale image and mask to a fixed scale, then by a random ratio, in one resampling.
+
+    MMSegmentation's ``RandomResize(scale, ratio_range, keep_ratio=True)``.
 
     The target is :func:`~hybridvision.deploy.runtime.rescaled_size` of the sample at
     ``resize = [short_side, max_long_side]`` (``None``: the sample's own size), times a ratio
@@ -155,12 +161,14 @@ class RandomResize(v2.Transform):
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Draw the output (H, W): the rescaled size times a random ratio."""
         height, width = rescaled_size(*F.get_size(flat_inputs[0]), self.resize)
         low, high = self.ratio_range
         ratio = low + float(torch.rand(())) * (high - low)
         return {"size": [max(1, round(height * ratio)), max(1, round(width * ratio))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Resize to the drawn size."""
         return _resize(inpt, params["size"])
 
 
@@ -181,6 +189,7 @@ class RandomCropUpTo(v2.Transform):
         self.size = (int(size[0]), int(size[1]))
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Draw the crop box."""
         height, width = F.get_size(flat_inputs[0])
         crop_h, crop_w = min(self.size[0], height), min(self.size[1], width)
         top = int(torch.randint(0, height - crop_h + 1, ()))
@@ -188,13 +197,15 @@ class RandomCropUpTo(v2.Transform):
         return {"top": top, "left": left, "height": crop_h, "width": crop_w}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Crop to the drawn box."""
         return F.crop(inpt, **params)
 
 
 class PadToSize(v2.Transform):
-    """Pad a normalised image with :data:`~hybridvision.deploy.runtime.IMAGE_PAD_VALUE` and its
-    mask with ``ignore_index`` up to ``size``, the picture at a random offset.
+    """Pad a normalised image and its mask up to ``size``, the picture at a random offset.
 
+    The image is padded with :data:`~hybridvision.deploy.runtime.IMAGE_PAD_VALUE`, the mask with
+    ``ignore_index``.
     The value is the one inference pads windows with, so padding means the same in both.
 
     Args:
@@ -210,6 +221,7 @@ class PadToSize(v2.Transform):
         self.ignore_index = int(ignore_index)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Draw the offset of the picture in the padded output."""
         height, width = F.get_size(flat_inputs[0])
         extra_h, extra_w = max(self.size[0] - height, 0), max(self.size[1] - width, 0)
         top = int(torch.randint(0, extra_h + 1, ())) if extra_h else 0
@@ -217,6 +229,7 @@ class PadToSize(v2.Transform):
         return {"padding": [left, top, extra_w - left, extra_h - top]}  # left, top, right, bottom
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Pad with the value of the input kind (image or mask)."""
         if not any(params["padding"]):
             return inpt
         fill = self.ignore_index if isinstance(inpt, tv_tensors.Mask) else IMAGE_PAD_VALUE
@@ -289,14 +302,33 @@ def build_seg_transforms(
     Returns:
         A ``v2.Compose`` taking and returning a sample dict.
     """
-    steps: list[v2.Transform] = []
-    if window is not None:
-        steps.append(Window(*window))
+    steps: list[v2.Transform] = [Window(*window)] if window is not None else []
     if not train:
         if size is not None:
             steps.append(AlignedResize(size))
         steps.extend(_normalization(normalize, in_chans))
         return v2.Compose(steps or [v2.Identity()])
+    steps.extend(_random_geometry(size, scale, resize, hflip, vflip, rot90))
+    if color_jitter > 0:
+        steps.extend(_color_jitter(color_jitter, in_chans))
+    steps.extend(_normalization(normalize, in_chans))
+    if size is not None:
+        steps.append(PadToSize(size, ignore_index))
+    if elastic > 0:
+        steps.append(_elastic(elastic, size, ignore_index))
+    return v2.Compose(steps or [v2.Identity()])
+
+
+def _random_geometry(
+    size: tuple[int, int] | None,
+    scale: tuple[float, float],
+    resize: Sequence[int] | None,
+    hflip: bool,
+    vflip: bool,
+    rot90: bool,
+) -> list[v2.Transform]:
+    """Training's spatial steps: rotation by k * 90 degrees, rescale and crop (if ``size``), flips."""
+    steps: list[v2.Transform] = []
     if rot90:
         steps.append(RandomRot90())
     if size is not None:
@@ -306,17 +338,15 @@ def build_seg_transforms(
         steps.append(v2.RandomHorizontalFlip())
     if vflip:
         steps.append(v2.RandomVerticalFlip())
-    if color_jitter > 0:
-        steps.extend(_color_jitter(color_jitter, in_chans))
-    steps.extend(_normalization(normalize, in_chans))
-    if size is not None:
-        steps.append(PadToSize(size, ignore_index))
-    if elastic > 0:
-        # The displacement blur pads by ~4 sigma, which must stay below the image side.
-        sigma = 5.0 if size is None else min(5.0, (min(size) - 1) / 8)
-        fill = {tv_tensors.Image: IMAGE_PAD_VALUE, tv_tensors.Mask: ignore_index}
-        steps.append(v2.ElasticTransform(alpha=float(elastic), sigma=sigma, fill=fill))
-    return v2.Compose(steps or [v2.Identity()])
+    return steps
+
+
+def _elastic(alpha: float, size: tuple[int, int] | None, ignore_index: int) -> v2.Transform:
+    """Elastic deformation of strength ``alpha``; new pixels get the pad value and ``ignore_index``."""
+    # The displacement blur pads by ~4 sigma, which must stay below the image side.
+    sigma = 5.0 if size is None else min(5.0, (min(size) - 1) / 8)
+    fill = {tv_tensors.Image: IMAGE_PAD_VALUE, tv_tensors.Mask: ignore_index}
+    return v2.ElasticTransform(alpha=float(alpha), sigma=sigma, fill=fill)
 
 
 def _color_jitter(strength: float, in_chans: int) -> list[v2.Transform]:
