@@ -2,7 +2,7 @@
 
 The edge-device counterpart of :mod:`hybridvision.inference`: it normalises images read by the
 project's one reader (:mod:`hybridvision.deploy.reader`) as recorded in the model's metadata
-(written by :func:`hybridvision.export.export_onnx`), and runs whole-image or sliding-window
+(written by :func:`hybridvision.export.export_onnx`; :mod:`hybridvision.deploy.normalization`), and runs whole-image or sliding-window
 inference with the same scale, window placement and blending (:mod:`hybridvision.geometry`;
 uniform or Gaussian, scores averaged in probability space for K >= 2 and in logit space for K = 1,
 optional flip TTA). :class:`OnnxPredictor` writes ``<id>_mask.png`` / ``<id>_overlay.png``
@@ -27,7 +27,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
@@ -42,6 +42,7 @@ from ..geometry import (
 )
 from .errors import UserError
 from .files import PredictResult, resolve_inputs, run_over_files
+from .normalization import IMAGENET_MEAN, IMAGENET_STD, normalization_spec, normalize_image
 from .reader import read_image
 
 __all__ = [
@@ -64,7 +65,8 @@ __all__ = [
     "resize_image",
     "scores_at_scale",
     # importable from here as before the split (distill/export.py, tests/test_export.py and
-    # tests/test_int8.py import them so); their homes: errors, reader, files, geometry
+    # tests/test_int8.py import them so); their homes: errors, reader, files, geometry and
+    # normalization (IMAGENET_MEAN/STD, normalization_spec and normalize_image above)
     "IMAGE_PAD_VALUE",
     "UserError",
     "read_image",
@@ -75,87 +77,20 @@ __all__ = [
 
 #: ``metadata_props`` key of the ONNX model holding the deployment metadata as JSON
 METADATA_KEY = "hybridvision"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: suffix of an OpenVINO IR (``model.xml`` + ``model.bin``); every other exported model is ONNX
 OPENVINO_SUFFIX = ".xml"
-
-
-# --------------------------------------------------------------------------- normalisation
-
-
-def normalization_spec(data_cfg: dict[str, Any] | None, in_chans: int) -> dict[str, Any]:
-    """The input normalisation a run used, as plain data (what the ONNX metadata records).
-
-    Mirrors ``build_seg_transforms``: ``data.window`` first, then explicit ``data.mean``/``data.std``
-    when set, else ``data.normalize`` (``imagenet`` for 1 or 3 channels, ``per_image``, ``none``).
-
-    Args:
-        data_cfg: the run config's ``data`` section as a dict (None: ImageNet defaults).
-        in_chans: model input channels.
-
-    Returns:
-        ``{"kind": "mean_std" | "per_image" | "none", "mean": [...], "std": [...], "window": [c, w] | None}``.
-    """
-    data = data_cfg or {}
-    window = data.get("window")
-    spec: dict[str, Any] = {"window": [float(v) for v in window] if window else None}
-    mean, std = data.get("mean") or [], data.get("std") or []
-    kind = data.get("normalize", "imagenet")
-    if not isinstance(kind, str):  # an explicit (mean, std) pair, as build_seg_transforms accepts
-        mean, std = kind
-        kind = "mean_std"
-    if mean or std:
-        if len(mean) != in_chans or len(std) != in_chans:
-            raise UserError(
-                f"data.mean/data.std have {len(mean)}/{len(std)} values but in_chans={in_chans}; give one per channel"
-            )
-        return {**spec, "kind": "mean_std", "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
-    if kind == "imagenet":
-        if in_chans == 3:
-            return {**spec, "kind": "mean_std", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-        if in_chans == 1:  # channel average, as build_seg_transforms
-            return {
-                **spec,
-                "kind": "mean_std",
-                "mean": [sum(IMAGENET_MEAN) / 3],
-                "std": [sum(IMAGENET_STD) / 3],
-            }
-        raise UserError(
-            f"data.normalize='imagenet' needs in_chans 1 or 3, got {in_chans}; set data.mean/data.std"
-        )
-    if kind in ("per_image", "none"):
-        return {**spec, "kind": kind}
-    raise UserError(f"data.normalize must be imagenet, per_image or none, got {kind!r}")
-
-
-def normalize_image(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
-    """Apply a :func:`normalization_spec` to one image (C, H, W) float32; returns (C, H, W) float32."""
-    x = image.astype(np.float32, copy=False)
-    if spec.get("window"):
-        center, width = spec["window"]
-        low = np.float32(center - width / 2.0)
-        x = np.clip((x - low) / np.float32(width), 0.0, 1.0)
-    kind = spec["kind"]
-    if kind == "mean_std":
-        mean = np.asarray(spec["mean"], dtype=np.float32)[:, None, None]
-        std = np.asarray(spec["std"], dtype=np.float32)[:, None, None]
-        x = (x - mean) / std
-    elif kind == "per_image":
-        mean = x.mean(axis=(-2, -1), keepdims=True, dtype=np.float64).astype(np.float32)
-        std = x.std(axis=(-2, -1), keepdims=True, dtype=np.float64).astype(np.float32)
-        x = (x - mean) / (std + np.float32(1e-6))
-    elif kind != "none":
-        raise UserError(f"unknown normalisation kind {kind!r} in the model metadata")
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- model
 
 
 def read_metadata(model: str | os.PathLike | Any) -> dict[str, Any]:
-    """The deployment metadata of an exported model: a path (``.onnx``, or ``.xml`` for OpenVINO),
-    an ``onnx.ModelProto`` or an onnxruntime session."""
+    """The deployment metadata of an exported model.
+
+    Args:
+        model: a path (``.onnx``, or ``.xml`` for OpenVINO), an ``onnx.ModelProto`` or an
+            onnxruntime session.
+    """
     if isinstance(model, (str, os.PathLike)):
         if Path(model).suffix.lower() == OPENVINO_SUFFIX:
             from .openvino_runtime import read_ir_metadata
@@ -205,6 +140,7 @@ class OnnxSegmenter:
         self.num_classes = int(self.metadata["num_classes"])
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Logits (N, K, H, W) of ``images`` (N, C, H, W)."""
         if images.ndim != 4 or images.shape[1] != self.in_chans:
             raise ValueError(f"expected (N, {self.in_chans}, H, W) images, got shape {images.shape}")
         return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0]
@@ -237,8 +173,15 @@ def load_segmenter(path: str | os.PathLike, threads: int | None = None, bf16: bo
 
 
 def parse_resize(option: Sequence[str] | None, recorded: Any = None) -> list[int] | None:
-    """The prediction scale: ``--resize`` (``SHORT [MAX_LONG]`` or ``native``) if given, else the
-    model's recorded ``data.resize`` (a list, ``"native"`` or absent). None: native size."""
+    """The prediction scale: ``--resize`` if given, else the model's recorded ``data.resize``.
+
+    Args:
+        option: ``--resize`` (``SHORT [MAX_LONG]`` or ``native``).
+        recorded: the model's recorded ``data.resize`` (a list, ``"native"`` or absent).
+
+    Returns:
+        ``[short_side, max_long_side]``, or None: native size.
+    """
     if option:
         if len(option) == 1 and str(option[0]).lower() == "native":
             return None
@@ -267,7 +210,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     channels = [
         np.asarray(
             Image.fromarray(np.ascontiguousarray(c, dtype=np.float32)).resize(
-                (size[1], size[0]), Image.BILINEAR
+                (size[1], size[0]), Image.Resampling.BILINEAR
             )
         )
         for c in image
@@ -333,6 +276,7 @@ def _scores(model: Callable, images: np.ndarray, tta_flips: Sequence[str]) -> np
         scores = logits if logits.shape[1] == 1 else _softmax(logits)
         scores = np.flip(scores, axes) if axes else scores
         total = scores if total is None else total + scores
+    assert total is not None  # views holds at least the image itself
     return total / len(views)
 
 
@@ -390,6 +334,7 @@ def predict_sliding_window(
             scores = np.zeros((b, out.shape[1], ph, pw), np.float32)
         for (i, y, x), tile in zip(chunk, out):
             scores[i, :, y : y + wh, x : x + ww] += tile * weight
+    assert scores is not None  # every image has at least one window
     return (scores / norm)[..., :h, :w]
 
 
@@ -434,7 +379,8 @@ class OnnxPredictor:
     ) -> None:
         check_predict_options(mode, window, overlap, batch_size, tta_flips)
         exported = isinstance(model, (str, os.PathLike))
-        self.segmenter = load_segmenter(model, threads, bf16) if exported else model
+        # a segmenter: OnnxSegmenter, OpenVinoSegmenter or any callable with their attributes
+        self.segmenter: Any = load_segmenter(model, threads, bf16) if exported else cast(Any, model)
         meta = self.segmenter.metadata
         self.metadata = meta
         self.mode, self.overlap, self.blend, self.batch_size = mode, overlap, blend, batch_size
