@@ -9,7 +9,7 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 import yaml
 
@@ -75,7 +75,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _mismatch(value, tp, key)
-        return _build(tp, value, key)
+        return _build(cast("type[Any]", tp), value, key)
     if isinstance(value, tp):
         return value
     raise _mismatch(value, tp, key)
@@ -192,7 +192,7 @@ def _unknown_key(key: str, name: str, valid: Sequence[str]) -> ConfigError:
 def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     """Instantiate dataclass ``cls`` from a (possibly partial) nested dict, validating keys/types."""
     hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if f.init}
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else str(name)
@@ -200,7 +200,7 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
             raise _unknown_key(key, str(name), list(fields))
         tp = hints[name]
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            kwargs[name] = _build(tp, value, key)
+            kwargs[name] = _build(cast("type[Any]", tp), value, key)
         else:
             kwargs[name] = _coerce(value, tp, key)
     try:
@@ -239,7 +239,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any], cls: type) -> dict[str,
     for k, v in update.items():
         tp = hints.get(k)
         if isinstance(v, dict) and isinstance(out.get(k), dict) and dataclasses.is_dataclass(tp):
-            out[k] = _merge(out[k], v, tp)
+            out[k] = _merge(out[k], v, cast(type, tp))
         else:
             out[k] = v
     return out
@@ -261,7 +261,7 @@ def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, text: str) -> None
         fields = {f.name for f in dataclasses.fields(current) if f.init}
         if part not in fields:
             raise _unknown_key(key, part, sorted(fields))
-        tp = _hints(current)[part]
+        tp = _hints(cast(type, current))[part]
         if i == len(parts) - 1:
             node[part] = text if tp is str or _accepts_str(tp) else _parse_scalar_text(text)
             return

@@ -162,7 +162,8 @@ class RandomResize(v2.Transform):
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         """Draw the output (H, W): the rescaled size times a random ratio."""
-        height, width = rescaled_size(*F.get_size(flat_inputs[0]), self.resize)
+        height, width = F.get_size(flat_inputs[0])
+        height, width = rescaled_size(height, width, self.resize)
         low, high = self.ratio_range
         ratio = low + float(torch.rand(())) * (high - low)
         return {"size": [max(1, round(height * ratio)), max(1, round(width * ratio))]}
