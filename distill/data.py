@@ -14,12 +14,19 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, Dataset, IterableDataset, Subset
 
-from distill.config import DistillDataConfig
+from distill.config import DistillConfig, DistillDataConfig
 from hybridvision.config import ConfigError
 from hybridvision.data.from_config import build_unlabelled_dataset
 from hybridvision.data.io import apply_transform
+from hybridvision.segmentation.data import build_data, labelled_line
 
-__all__ = ["Labelled", "LabelsDropped", "UnlabelledAsSegmentation", "build_distill_train_set"]
+__all__ = [
+    "Labelled",
+    "LabelsDropped",
+    "UnlabelledAsSegmentation",
+    "build_distill_data",
+    "build_distill_train_set",
+]
 
 
 class Labelled(Dataset):
@@ -115,3 +122,22 @@ def build_distill_train_set(
         extra = Subset(extra, range(data.unlabelled_max))
     parts.append(UnlabelledAsSegmentation(extra, transform, data.ignore_index))
     return ConcatDataset(parts), sum(len(p) for p in parts[1:])
+
+
+def build_distill_data(cfg: DistillConfig, log: Callable[[str], None]) -> tuple[Dataset, Dataset | None]:
+    """The training set (the labelled images, and unlabelled ones where configured) and the
+    validation set (None without one); ``log`` is told which images are labelled and where the
+    unlabelled ones come from."""
+    d = cfg.data
+    data = build_data(cfg)
+    train_set, n_unlabelled = build_distill_train_set(
+        d, data.train_set, data.train_transform, cfg.train.seed, rest=data.unlabelled_rest
+    )
+    if data.labelled_ids is not None:
+        log(labelled_line(d, data.labelled_ids, len(data.unlabelled_rest or ())))
+    if n_unlabelled:
+        sources = [
+            s for s in (data.unlabelled_rest and f"the rest of split {d.split!r}", d.unlabelled_source) if s
+        ]
+        log(f"{n_unlabelled} unlabelled images from {' and '.join(sources)} (distillation terms only)")
+    return train_set, data.val_set

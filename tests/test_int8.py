@@ -225,7 +225,7 @@ def test_distill_calibrates_on_training_images_through_the_evaluation_transform(
     import dataclasses
 
     from distill.config import DistillConfig
-    from distill.run import calibration_images
+    from distill.edge import calibration_images
     from hybridvision.data.from_config import build_labelled_datasets
 
     cfg = DistillConfig()
