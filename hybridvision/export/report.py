@@ -1,26 +1,26 @@
-"""The deployment report: params, GMACs, file size, latency, peak memory and mIoU of each model, for
-PyTorch eager, onnxruntime and OpenVINO side by side."""
+"""The deployment report: each model's size, speed and accuracy, side by side.
+
+Params, GMACs, file size, latency, peak memory and mIoU, for PyTorch eager, onnxruntime and OpenVINO.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import functools
 import logging
 import os
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..deploy.runtime import (
-    OnnxSegmenter,
     labels_from_scores,
     load_segmenter,
     scores_at_scale,
@@ -28,6 +28,7 @@ from ..deploy.runtime import (
 from ..deploy.runtime import predict_sliding_window as np_predict_sliding_window
 from ..deploy.runtime import predict_whole as np_predict_whole
 from ..models.profile import count_gmacs
+from .memory import peak_memory
 from .onnx import unwrap_segmenter
 from .quantize import as_array
 
@@ -45,105 +46,6 @@ def _onnx_params(path: Path) -> int:
         if arr.dtype.kind in "fiu" and arr.ndim >= 1 and arr.size > 1:
             total += arr.size
     return total
-
-
-#: Run in a fresh interpreter by :func:`peak_memory`: load one model, make its input, reset the
-#: resident-set high-water mark (``/proc/self/clear_refs``), run one forward, print the figures.
-_PEAK_MEMORY_CHILD = r"""
-import json, sys
-import numpy as np
-
-def status_mib(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB -> MiB
-    raise OSError(f"no {field} in /proc/self/status")
-
-args = json.loads(sys.argv[1])
-x = np.random.default_rng(0).standard_normal(args["shape"]).astype(np.float32)
-if args["kind"] == "exported":
-    from hybridvision.deploy.runtime import load_segmenter
-
-    runner = load_segmenter(args["path"], threads=args["threads"], bf16=args["bf16"])
-    forward = lambda: runner(x)
-else:
-    import torch
-
-    torch.set_num_threads(args["threads"])
-    module = torch.load(args["path"], weights_only=False).eval()
-    xt = torch.from_numpy(x)
-
-    def forward():
-        with torch.no_grad():
-            module(xt)
-
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # Linux >= 4.0: VmHWM := VmRSS
-baseline = status_mib("VmRSS")
-forward()
-print(json.dumps({"baseline_mib": baseline, "peak_mib": status_mib("VmHWM")}))
-"""
-
-
-def peak_memory(
-    model: nn.Module | str | os.PathLike,
-    shape: Sequence[int],
-    threads: int = 1,
-    timeout: float = 600,
-    bf16: bool = False,
-) -> dict[str, float]:
-    """Resident memory of one forward pass, measured in a fresh Python process (Linux).
-
-    A fresh process, because in this one the allocators already hold the pages a forward needs
-    (the latency runs touched them), so the high-water mark would not move.
-
-    Args:
-        model: a module (PyTorch eager, pickled to the child) or an exported file: ``.onnx``
-            (onnxruntime CPU) or ``.xml`` (OpenVINO CPU).
-        shape: input (N, C, H, W); standard-normal values.
-        threads: PyTorch / runtime intra-op threads.
-        timeout: seconds before the measurement is abandoned.
-        bf16: OpenVINO's bf16 inference precision (``.xml`` only).
-
-    Returns:
-        ``peak_rss_mib`` (the process's resident high-water mark during the forward: runtime,
-        weights and activations) and ``forward_mib`` (how far the forward raised it above the
-        resident memory just before it).
-
-    Raises:
-        RuntimeError: the child failed (e.g. no ``/proc``); the message ends with its last error line.
-    """
-    root = str(Path(__file__).resolve().parents[1])  # the child imports this package from here
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryDirectory() as tmp:
-        if isinstance(model, nn.Module):
-            path, kind = Path(tmp) / "model.pt", "torch"
-            torch.save(model, path)
-        else:
-            path, kind = Path(model).resolve(), "exported"
-        args = {
-            "kind": kind,
-            "path": str(path),
-            "shape": [int(s) for s in shape],
-            "threads": int(threads),
-            "bf16": bf16,
-        }
-        proc = subprocess.run(
-            [sys.executable, "-c", _PEAK_MEMORY_CHILD, json.dumps(args)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-        )
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-        raise RuntimeError(f"peak-memory measurement of {kind} model failed: {last}")
-    figures = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {
-        "peak_rss_mib": figures["peak_mib"],
-        "forward_mib": figures["peak_mib"] - figures["baseline_mib"],
-    }
 
 
 def _time(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
@@ -199,7 +101,9 @@ def deployment_report(
         train_crop: (H, W) of the crop latency and the GMACs.
         full_size: (H, W) of the full-image latency; default: the first evaluation image's size.
         eval_mode: ``"whole"`` or ``"slide"`` (window ``window`` or ``train_crop``, Gaussian blend).
+        window: (H, W) of the sliding window (``eval_mode="slide"``); default ``train_crop``.
         runs: timed runs per latency figure (after ``warmup`` untimed ones).
+        warmup: untimed runs before the timed ones.
         threads: CPU threads for PyTorch, onnxruntime and OpenVINO.
         class_names: for the per-class IoU in the JSON.
         max_eval_images: evaluate on the first N samples only.
@@ -211,113 +115,37 @@ def deployment_report(
     Returns:
         The report dict (also written to ``report.json``).
     """
-    from ..inference import predict_sliding_window, predict_whole
-    from ..metrics import ConfusionMatrix
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    count = len(eval_data) if max_eval_images is None else min(len(eval_data), max_eval_images)
-    samples = [eval_data[i] for i in range(count)]  # by index: datasets need not stop iteration
-    if not samples:
-        raise ValueError("deployment_report needs at least one evaluation sample")
+    samples = _eval_samples(eval_data, max_eval_images)
     crop = (int(train_crop[0]), int(train_crop[1]))
     first = as_array(samples[0]["image"])
-    full = tuple(int(s) for s in (full_size or first.shape[-2:]))
-    in_chans = first.shape[0]
-    win = tuple(window or crop)
+    settings = _ReportSettings(
+        crop=crop,
+        full=tuple(int(s) for s in (full_size or first.shape[-2:])),
+        in_chans=first.shape[0],
+        window=cast("tuple[int, int]", tuple(window or crop)),
+        eval_mode=eval_mode,
+        runs=runs,
+        warmup=warmup,
+        threads=threads,
+        resize=resize,
+        measure_memory=measure_memory,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        class_names=class_names,
+    )
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    rows = []
     try:
-        for entry in entries:
-            name = entry["name"]
-            module = entry.get("model")
-            exported = entry.get("onnx") or entry.get("openvino")
-            bf16 = bool(entry.get("bf16", False))
-            row: dict[str, Any] = {
-                "name": name,
-                "runtime": _runtime_name(entry),
-            }
-            if exported:
-                runner = load_segmenter(exported, threads=threads, bf16=bf16)
-                row["precision"] = "bf16" if bf16 else runner.metadata.get("precision", "fp32")
-                row["file_mb"] = _file_mb(Path(exported))
-                row["onnx_file_mb"] = row["file_mb"] if entry.get("onnx") else None  # before file_mb
-                # the source model's count when given; else weights in the graph (BN folded into convs)
-                row["params"] = (
-                    sum(p.numel() for p in unwrap_segmenter(module).parameters())
-                    if module is not None
-                    else _graph_params(Path(exported))
-                )
-
-                def forward(x: np.ndarray, runner: OnnxSegmenter = runner) -> np.ndarray:
-                    return runner(x)
-
-                def scores(x: np.ndarray, forward: Callable = forward) -> np.ndarray:
-                    if eval_mode == "slide":
-                        return np_predict_sliding_window(forward, x, win, blend="gaussian")
-                    return np_predict_whole(forward, x)
-
-            else:
-                if module is None:
-                    raise ValueError(f"report entry {name!r} needs 'model' or 'onnx'")
-                module = unwrap_segmenter(module).eval().cpu()
-                row["precision"] = "fp32"
-                row["file_mb"] = row["onnx_file_mb"] = None
-                row["params"] = sum(p.numel() for p in module.parameters())
-
-                def forward(x: np.ndarray, module: nn.Module = module) -> np.ndarray:
-                    with torch.no_grad():
-                        return module(torch.from_numpy(x)).numpy()
-
-                def scores(x: np.ndarray, module: nn.Module = module) -> np.ndarray:
-                    t = torch.from_numpy(x)
-                    if eval_mode == "slide":
-                        s = predict_sliding_window(module, t, win, blend="gaussian", output="logits")
-                    else:
-                        s = predict_whole(module, t, output="logits")
-                    # the runtime's convention (what scores_at_scale expects): probabilities for
-                    # K >= 2 (torch's "logits" are their log), logits for K = 1
-                    return (s.exp() if s.shape[1] > 1 else s).numpy()
-
-            source = module if module is not None else None
-            row["gmacs_train_crop"] = (
-                count_gmacs(unwrap_segmenter(source), in_chans, crop) if source is not None else None
-            )
-            # latency at batch 1: the training crop and a full image
-            rng = np.random.default_rng(0)
-            for label, size in (("train_crop", crop), ("full_image", full)):
-                x = rng.standard_normal((1, in_chans, *size)).astype(np.float32)
-                row[f"latency_{label}"] = {"size": list(size), **_time(lambda x=x: forward(x), runs, warmup)}
-            # peak memory of one full-image forward, in a fresh process
-            row["peak_rss_mib"] = row["peak_above_baseline_mib"] = None
-            if measure_memory:
-                try:
-                    mem = peak_memory(exported or module, (1, in_chans, *full), threads, bf16=bf16)
-                    row["peak_rss_mib"] = mem["peak_rss_mib"]
-                    row["peak_above_baseline_mib"] = mem["forward_mib"]
-                except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-                    _logger.warning("%s: no peak-memory figure (%s)", name, exc)
-            # accuracy
-            cm = ConfusionMatrix(num_classes, ignore_index, class_names=class_names)
-            for sample in samples:
-                img = as_array(sample["image"]).astype(np.float32)
-                s = scores_at_scale(scores, img, resize)  # as the runtime's OnnxPredictor does
-                cm.update(
-                    torch.from_numpy(labels_from_scores(s)),
-                    torch.as_tensor(np.array(as_array(sample["mask"]), dtype=np.int64))[None],
-                )
-            metrics = cm.compute()
-            row["miou"] = metrics["miou"]
-            row["iou"] = [None if v != v else v for v in metrics["iou"]]
-            rows.append(row)
+        rows = [_report_row(entry, samples, settings) for entry in entries]
     finally:
         torch.set_num_threads(previous_threads)
     report = {
         "eval": {
             "images": len(samples),
             "mode": eval_mode,
-            "window": list(win) if eval_mode == "slide" else None,
+            "window": list(settings.window) if eval_mode == "slide" else None,
             "resize": list(resize) if resize else None,
         },
         "threads": threads,
@@ -325,12 +153,181 @@ def deployment_report(
         "cpu_features": cpu_features(),
         "entries": rows,
     }
+    _write_report(out_dir, report)
+    return report
+
+
+def _eval_samples(eval_data: Sequence[dict[str, Any]], max_eval_images: int | None) -> list[dict[str, Any]]:
+    """The first ``max_eval_images`` samples (all if None), read by index: datasets need not stop."""
+    count = len(eval_data) if max_eval_images is None else min(len(eval_data), max_eval_images)
+    samples = [eval_data[i] for i in range(count)]
+    if not samples:
+        raise ValueError("deployment_report needs at least one evaluation sample")
+    return samples
+
+
+def _write_report(out_dir: Path, report: dict[str, Any]) -> None:
+    """Write ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``."""
     from ..io import write_json_atomic
 
     write_json_atomic(out_dir / "report.json", report)
     (out_dir / "report.md").write_text(_report_markdown(report))
-    _report_png(rows, out_dir / "report.png")
-    return report
+    _report_png(report["entries"], out_dir / "report.png")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReportSettings:
+    """What :func:`deployment_report` measures every entry with (its arguments, resolved)."""
+
+    crop: tuple[int, int]  #: (H, W) of the crop latency and the GMACs
+    full: tuple[int, ...]  #: (H, W) of the full-image latency and the peak memory
+    in_chans: int  #: C of the model input
+    window: tuple[int, int]  #: (H, W) of the sliding window (``eval_mode="slide"``)
+    eval_mode: str  #: ``"whole"`` or ``"slide"``
+    runs: int  #: timed runs per latency figure
+    warmup: int  #: untimed runs before them
+    threads: int  #: CPU threads for every runtime
+    resize: Sequence[int] | None  #: evaluation scale ``[short_side, max_long_side]``; None: native
+    measure_memory: bool  #: measure peak memory in a fresh process
+    num_classes: int  #: K (1 = binary)
+    ignore_index: int  #: mask value left out of the metrics
+    class_names: Sequence[str] | None  #: for the per-class IoU
+
+
+#: ``forward(x)`` (N, C, H, W) -> logits, and ``scores(x)`` (1, C, H, W) -> the runtime's scores
+_Runner = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
+
+def _report_row(
+    entry: dict[str, Any], samples: Sequence[dict[str, Any]], settings: _ReportSettings
+) -> dict[str, Any]:
+    """One model's row of the report: size, GMACs, latency, peak memory and accuracy."""
+    name = entry["name"]
+    module = entry.get("model")
+    exported = entry.get("onnx") or entry.get("openvino")
+    bf16 = bool(entry.get("bf16", False))
+    row: dict[str, Any] = {"name": name, "runtime": _runtime_name(entry)}
+    if exported:
+        forward, scores = _exported_runner(row, entry, exported, module, bf16, settings)
+    else:
+        if module is None:
+            raise ValueError(f"report entry {name!r} needs 'model' or 'onnx'")
+        module = unwrap_segmenter(module).eval().cpu()
+        forward, scores = _eager_runner(row, module, settings)
+    row["gmacs_train_crop"] = (
+        count_gmacs(unwrap_segmenter(module), settings.in_chans, settings.crop)
+        if module is not None
+        else None
+    )
+    row.update(_latencies(forward, settings))
+    target = exported or module  # the file, or the eager module
+    assert target is not None  # one of them was given, checked above
+    row.update(_peak_memory_figures(name, target, bf16, settings))
+    row.update(_accuracy(scores, samples, settings))
+    return row
+
+
+def _exported_runner(
+    row: dict[str, Any],
+    entry: dict[str, Any],
+    exported: str | os.PathLike,
+    module: nn.Module | None,
+    bf16: bool,
+    settings: _ReportSettings,
+) -> _Runner:
+    """Load ``exported``, ``entry``'s ONNX or OpenVINO file; fill ``row``'s precision, size and params."""
+    runner = load_segmenter(exported, threads=settings.threads, bf16=bf16)
+    row["precision"] = "bf16" if bf16 else runner.metadata.get("precision", "fp32")
+    row["file_mb"] = _file_mb(Path(exported))
+    row["onnx_file_mb"] = row["file_mb"] if entry.get("onnx") else None  # before file_mb
+    # the source model's count when given; else weights in the graph (BN folded into convs)
+    row["params"] = (
+        sum(p.numel() for p in unwrap_segmenter(module).parameters())
+        if module is not None
+        else _graph_params(Path(exported))
+    )
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        return runner(x)
+
+    def scores(x: np.ndarray) -> np.ndarray:
+        if settings.eval_mode == "slide":
+            return np_predict_sliding_window(forward, x, settings.window, blend="gaussian")
+        return np_predict_whole(forward, x)
+
+    return forward, scores
+
+
+def _eager_runner(row: dict[str, Any], module: nn.Module, settings: _ReportSettings) -> _Runner:
+    """Run ``module`` (PyTorch eager, CPU); fill ``row``'s precision, file size and params."""
+    from ..inference import predict_sliding_window, predict_whole
+
+    row["precision"] = "fp32"
+    row["file_mb"] = row["onnx_file_mb"] = None
+    row["params"] = sum(p.numel() for p in module.parameters())
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(x)).numpy()
+
+    def scores(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x)
+        if settings.eval_mode == "slide":
+            s = predict_sliding_window(module, t, settings.window, blend="gaussian", output="logits")
+        else:
+            s = predict_whole(module, t, output="logits")
+        # the runtime's convention (what scores_at_scale expects): probabilities for
+        # K >= 2 (torch's "logits" are their log), logits for K = 1
+        return (s.exp() if s.shape[1] > 1 else s).numpy()
+
+    return forward, scores
+
+
+def _latencies(forward: Callable[[np.ndarray], np.ndarray], settings: _ReportSettings) -> dict[str, Any]:
+    """Latency at batch 1 of the training crop and of a full image (standard-normal inputs)."""
+    rng = np.random.default_rng(0)
+    figures = {}
+    for label, size in (("train_crop", settings.crop), ("full_image", settings.full)):
+        x = rng.standard_normal((1, settings.in_chans, *size)).astype(np.float32)
+        figures[f"latency_{label}"] = {
+            "size": list(size),
+            **_time(functools.partial(forward, x), settings.runs, settings.warmup),
+        }
+    return figures
+
+
+def _peak_memory_figures(
+    name: str, model: nn.Module | str | os.PathLike, bf16: bool, settings: _ReportSettings
+) -> dict[str, float | None]:
+    """Peak memory of one full-image forward, in a fresh process; None where not measured."""
+    figures: dict[str, float | None] = {"peak_rss_mib": None, "peak_above_baseline_mib": None}
+    if settings.measure_memory:
+        try:
+            shape = (1, settings.in_chans, *settings.full)
+            mem = peak_memory(model, shape, settings.threads, bf16=bf16)
+            figures["peak_rss_mib"] = mem["peak_rss_mib"]
+            figures["peak_above_baseline_mib"] = mem["forward_mib"]
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            _logger.warning("%s: no peak-memory figure (%s)", name, exc)
+    return figures
+
+
+def _accuracy(
+    scores: Callable[[np.ndarray], np.ndarray], samples: Sequence[dict[str, Any]], settings: _ReportSettings
+) -> dict[str, Any]:
+    """``miou`` and per-class ``iou`` (None for absent classes) of ``scores`` on ``samples``."""
+    from ..metrics import ConfusionMatrix
+
+    cm = ConfusionMatrix(settings.num_classes, settings.ignore_index, class_names=settings.class_names)
+    for sample in samples:
+        img = as_array(sample["image"]).astype(np.float32)
+        s = scores_at_scale(scores, img, settings.resize)  # as the runtime's OnnxPredictor does
+        cm.update(
+            torch.from_numpy(labels_from_scores(s)),
+            torch.as_tensor(np.array(as_array(sample["mask"]), dtype=np.int64))[None],
+        )
+    metrics = cm.compute()
+    return {"miou": metrics["miou"], "iou": [None if v != v else v for v in metrics["iou"]]}
 
 
 #: CPU flags that decide how fast int8 and bf16 run (``/proc/cpuinfo`` spelling): VNNI and AMX
@@ -431,7 +428,7 @@ def _report_markdown(report: dict[str, Any]) -> str:
 
 
 def _report_png(rows: Sequence[dict[str, Any]], path: Path, size: tuple[int, int] = (720, 480)) -> None:
-    """mIoU against full-image latency, one labelled point per model (Pillow only)."""
+    """Plot mIoU against full-image latency, one labelled point per model (Pillow only)."""
     from PIL import Image, ImageDraw
 
     w, h = size
