@@ -105,7 +105,7 @@ def _fused_copy(seg: Segmenter) -> Segmenter:
     if fuse is None:
         return seg
     fused = copy.deepcopy(seg)
-    return fused if fused.encoder.reparameterize() else seg
+    return fused if fused.encoder.reparameterize() else seg  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
 
 
 def unwrap_segmenter(model: nn.Module) -> Segmenter:

@@ -205,7 +205,7 @@ def _segmenter_from_release(
         )
     overrides = with_input_size(name or src_encoder, spec.input_size, {**build, **spec.overrides})
     model = spec.create(name or src_encoder, **overrides)
-    result = model.encoder.load_pretrained_weights(init, strict=spec.strict)
+    result = model.encoder.load_pretrained_weights(init, strict=spec.strict)  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
     report = InitReport()
     _fill_report(report, result, f"{init} ({src_encoder} weights)")
     report.missing.extend(f"decoder.{n}" for n in model.decoder.state_dict())
@@ -337,14 +337,14 @@ def build_encoder(
         if wanted and wanted != src:
             raise ValueError(f"model.name={name!r} conflicts with model.init={init}, which holds {src!r}")
         encoder = fresh(src, build)
-        result = encoder.load_pretrained_weights(init, strict=strict)
+        result = encoder.load_pretrained_weights(init, strict=strict)  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
         _fill_report(report, result, f"{init} ({src} weights)")
         report.loaded = [n.removeprefix("encoder.") for n in report.loaded]
         report.missing = [n.removeprefix("encoder.") for n in report.missing]
         return encoder, report
     loaded = from_pretrained(init)
     source_encoder = loaded.encoder if isinstance(loaded, Segmenter) else loaded
-    build = dict(source_encoder.build_kwargs)
+    build = dict(source_encoder.build_kwargs)  # type: ignore[arg-type]  # nn.Module.__getattr__ is typed Tensor | Module
     src = build.pop("name")
     src_in = build.pop("in_chans", in_chans)
     if src_in != in_chans:
@@ -365,7 +365,7 @@ def _preset_encoder(name: str) -> str:
 
 def _load_external(encoder: nn.Module, path: str, strict: bool) -> Any:
     """Call the encoder's ``load_pretrained_weights``; its result (a ``LoadResult``) or None."""
-    loader = encoder.load_pretrained_weights
+    loader: Any = encoder.load_pretrained_weights  # a method of the encoder families that convert weights
     if "strict" in inspect.signature(loader).parameters:
         return loader(path, strict=strict)
     loader(path)  # zoo families convert one checkpoint layout, always strictly
