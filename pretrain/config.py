@@ -66,7 +66,7 @@ class PretrainModelConfig(ModelConfig):
 
     name: str = ""  # encoder / segmenter name ('' = hybrid_nano, or the architecture model.init holds)
     init: str = ""  # continue from: our encoder/ segmenter/ model/ dir, a timm or transformers dir or hub id, a weights file
-    init_strict: bool = True  # tensors that do not fit are errors (false: keep their random init and list them)
+    init_strict: bool = True  # tensors that do not fit are errors (false: keep their random init, list them)
 
 
 @dataclass

@@ -688,7 +688,9 @@ class PretrainModel(nn.Module):
     def num_layers(self) -> int:
         """Depth groups for layer-wise LR decay (``optim.layer_decay``): encoder groups, then the heads."""
         if getattr(self, "_layer_order", None) is None:
-            in_chans = self.encoder.build_kwargs.get("in_chans", 3) if hasattr(self.encoder, "build_kwargs") else 3
+            in_chans = (
+                self.encoder.build_kwargs.get("in_chans", 3) if hasattr(self.encoder, "build_kwargs") else 3
+            )
             self._layer_order = [f"encoder.{n}" for n in encoder_layer_groups(self.encoder, in_chans)]
         return len(self._layer_order)
 
