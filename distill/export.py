@@ -112,6 +112,7 @@ def export_from_dir(
         quantize_openvino_int8,
     )
     from hybridvision.models import Segmenter, from_pretrained
+    from hybridvision.models.hub import read_run_config
 
     if output.suffix.lower() != ".onnx":
         raise UserError(f"--output {output} must end in .onnx")
@@ -139,7 +140,7 @@ def export_from_dir(
         ) from exc
     if not isinstance(model, Segmenter):
         raise UserError(f"--model {model_dir} holds an encoder, not a segmentation model")
-    data = model.pretrained_config.get("extra", {}).get("run_config", {}).get("data", {})
+    data = read_run_config(model, "data")
     crop = tuple(train_crop or data.get("image_size") or (256, 256))
     try:
         onnx_path = export_onnx(model, output, train_crop=crop, data_cfg=data, opset=opset)

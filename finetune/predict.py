@@ -51,10 +51,10 @@ def _torch_backend(args: argparse.Namespace) -> Backend:
     from hybridvision.data.io import apply_transform, read_image
     from hybridvision.data.transforms import build_seg_transforms
     from hybridvision.inference import Predictor
+    from hybridvision.models.hub import read_run_config
 
     model = _load_torch_model(args.model)
-    run = model.pretrained_config.get("extra", {}).get("run_config", {})
-    data = run.get("data", {})
+    data = read_run_config(model, "data")
     in_chans = model.build_kwargs["in_chans"]
     ignore = data.get("ignore_index", 255)
     window = tuple(args.window or data.get("image_size") or (256, 256))

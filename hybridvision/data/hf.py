@@ -26,6 +26,7 @@ from hybridvision.data.io import (
     read_mask,
     remap_mask,
 )
+from hybridvision.hub_access import env_offline, hub_offline_reason
 
 if TYPE_CHECKING:
     import datasets
@@ -250,7 +251,7 @@ def _load(
     if path.exists():
         raise ValueError(f"{path} is a file; expected a save_to_disk folder, an image folder or a hub id")
     offline = hub_offline_reason()
-    if offline and not _env_offline():
+    if offline and not env_offline():
         raise ValueError(
             f"data.source={str(source)!r} is not a local folder, and as a Hugging Face hub dataset it "
             f"cannot be downloaded: {offline}. Check the path, or set HF_HUB_OFFLINE=1 to use a "
@@ -269,34 +270,6 @@ def _load(
             f"data.source={str(source)!r} is not a local folder and not in the local datasets cache "
             f"({offline}); check the path, or download it once with network access"
         ) from err
-
-
-def _env_offline() -> bool:
-    return any(
-        os.environ.get(var, "").lower() in ("1", "true", "yes", "on")
-        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-
-
-def hub_offline_reason(timeout: float = 2.0) -> str | None:
-    """Why the Hugging Face hub cannot be reached now, or None when it can.
-
-    ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` set, or a TCP connection to the hub endpoint
-    (``$HF_ENDPOINT``, default ``https://huggingface.co``) failing within ``timeout`` seconds,
-    so a mistyped local path never waits for the hub's network retries.
-    """
-    if _env_offline():
-        return "HF_HUB_OFFLINE=1 is set"
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
-    except OSError as err:
-        return f"{host} cannot be reached (no network? {type(err).__name__}: {err})"
 
 
 def _with_split_error(load: Callable[[], Any], split: str, source: str) -> Any:

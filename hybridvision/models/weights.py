@@ -38,7 +38,7 @@ def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
         )
     from huggingface_hub import snapshot_download
 
-    from ..data.hf import hub_offline_reason
+    from ..hub_access import hub_offline_reason
 
     offline = hub_offline_reason()
     try:
