@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import multiprocessing
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -26,14 +29,22 @@ def _load(name: str) -> ModuleType:
 
 
 @pytest.fixture
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    """Temp files and the working directory both inside ``tmp_path``, to see what is left behind."""
-    temp, cwd = tmp_path / "temp", tmp_path / "cwd"
-    temp.mkdir()
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
+    """Temp files and the working directory both in fresh folders, to see what is left behind.
+
+    The temp folder is short and directly under /tmp: DataLoader workers pass tensors over AF_UNIX
+    sockets made in it (paths of at most 107 bytes), and multiprocessing keeps the folder it first
+    used for the rest of the process, so it is forgotten again afterwards.
+    """
+    temp, cwd = Path(tempfile.mkdtemp(prefix="hv", dir="/tmp")), tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     monkeypatch.chdir(cwd)
-    return temp, cwd
+    yield temp, cwd
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    if str(config.get("tempdir", "")).startswith(str(temp)):
+        del config["tempdir"]
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _left_behind(dirs: tuple[Path, Path]) -> list[str]:
