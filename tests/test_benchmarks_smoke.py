@@ -10,7 +10,7 @@ import importlib.util
 import json
 import math
 import multiprocessing
-import shutil
+import multiprocessing.util
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,21 +30,20 @@ def _load(name: str) -> ModuleType:
 
 @pytest.fixture
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
-    """Temp files and the working directory both in fresh folders, to see what is left behind.
+    """Temp files and the working directory both inside ``tmp_path``, to see what is left behind.
 
-    The temp folder is short and directly under /tmp: DataLoader workers pass tensors over AF_UNIX
-    sockets made in it (paths of at most 107 bytes), and multiprocessing keeps the folder it first
-    used for the rest of the process, so it is forgotten again afterwards.
+    multiprocessing keeps the temp folder it first uses for the rest of the process (DataLoader
+    workers share tensors over AF_UNIX sockets made there, paths of at most 107 bytes): it is made
+    in the real temp folder before the patch, so no later test of this pytest worker inherits a
+    socket folder under this test's long, soon deleted path.
     """
-    temp, cwd = Path(tempfile.mkdtemp(prefix="hv", dir="/tmp")), tmp_path / "cwd"
+    multiprocessing.util.get_temp_dir()
+    temp, cwd = tmp_path / "temp", tmp_path / "cwd"
+    temp.mkdir()
     cwd.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     monkeypatch.chdir(cwd)
     yield temp, cwd
-    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
-    if str(config.get("tempdir", "")).startswith(str(temp)):
-        del config["tempdir"]
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _left_behind(dirs: tuple[Path, Path]) -> list[str]:
