@@ -47,7 +47,6 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path: Path):
         cwd=tmp_path,
         timeout=400,
     )
-    shutil.rmtree(temp, ignore_errors=True)
     out = res.stdout
     assert res.returncode == 0, out[-4000:] + res.stderr[-2000:]
     headers = [line for line in out.splitlines() if line.startswith("== ")]
@@ -74,7 +73,8 @@ def test_gpu_check_dry_run_runs_every_section(tmp_path: Path):
     assert [line.split()[0] for line in summary] == ["pretrain_no", "finetune_no", "resume", "distill_no"]
     assert out.rstrip().splitlines()[-1].startswith("gpu_check: all sections passed")
     assert list(temp.glob("gpu_check.*")) == []  # the work directory is removed after a passing run
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "temp"]  # nothing in the cwd
+    shutil.rmtree(temp, ignore_errors=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # nothing in the cwd
 
 
 def test_gpu_check_rejects_unknown_options(tmp_path: Path):
