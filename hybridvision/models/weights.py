@@ -7,12 +7,13 @@ families import weights I/O without importing the hub module (and the hub module
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-__all__ = ["resolve_model_dir", "load_safetensors", "load_state_dict_file", "read_weights"]
+__all__ = ["resolve_model_dir", "load_safetensors", "load_state_dict_file", "read_weights", "fit_tensors"]
 
 #: weight files looked for in a model directory, in order of preference
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
@@ -126,3 +127,53 @@ def read_weights(source: str | os.PathLike) -> tuple[Path, dict[str, torch.Tenso
         if (directory / name).is_file():
             return directory / name, load_state_dict_file(directory / name)
     raise FileNotFoundError(f"{directory} holds no weights file (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def fit_tensors(
+    own: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    strict: bool,
+    source: str,
+    model_name: str,
+    adapt_input: Callable[[str, torch.Tensor, torch.Size], torch.Tensor | None],
+    hint: str = "",
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Match a checkpoint's tensors (already renamed to ``own``'s keys) to a model's state dict.
+
+    Args:
+        own: the model's state dict.
+        state: checkpoint tensors under ``own``'s names (names ``own`` lacks must be removed first).
+        strict: a shape mismatch is an error (True) or is skipped and listed (False).
+        source: the checkpoint, for messages.
+        model_name: the model, for messages.
+        adapt_input: ``(key, tensor, wanted_shape) -> tensor | None``: the tensor adapted to the
+            model's input channels when it is an input convolution, else None.
+        hint: appended to the shape-mismatch message.
+
+    Returns:
+        (tensors to load, skipped ``"key (shape)->(shape)"`` entries, missing model keys).
+
+    Raises:
+        ValueError: one line naming the tensor and both shapes (strict), or no tensor fits at all.
+    """
+    mapped: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for key, tensor in state.items():
+        want = own[key].shape
+        if tensor.ndim == 4 and len(want) == 4 and tensor.shape[1] != want[1] and tensor.shape[0] == want[0]:
+            adapted = adapt_input(key, tensor, want)
+            tensor = tensor if adapted is None else adapted
+        if tuple(tensor.shape) != tuple(want):
+            if strict:
+                raise ValueError(
+                    f"{source}: tensor {key} has shape {tuple(tensor.shape)} but {model_name} expects "
+                    f"{tuple(want)}{hint}; set model.init_strict=false to keep such tensors at random init"
+                )
+            skipped.append(f"{key} {tuple(tensor.shape)}->{tuple(want)}")
+            continue
+        mapped[key] = tensor
+    if not mapped:
+        raise ValueError(
+            f"{source}: no tensor fits {model_name} (first keys: {list(state)[:4]}); is it another architecture?"
+        )
+    return mapped, skipped, [k for k in own if k not in mapped]

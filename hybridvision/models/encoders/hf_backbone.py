@@ -133,7 +133,7 @@ class TransformersEncoder(Encoder):
         Raises:
             ValueError: one line naming the source and the tensors at fault.
         """
-        from ..weights import resolve_model_dir
+        from ..weights import fit_tensors, resolve_model_dir
 
         directory = resolve_model_dir(source)
         try:
@@ -146,28 +146,15 @@ class TransformersEncoder(Encoder):
             ) from err
         not_in_file = set(info.get("missing_keys", ()))
         own = self.model.state_dict()
-        mapped: dict[str, Tensor] = {}
-        skipped: list[str] = []
-        for key, tensor in released.state_dict().items():
-            if key not in own or key in not_in_file:
-                continue
-            want = own[key].shape
-            if tensor.ndim == 4 and tensor.shape[1] != want[1] and tensor.shape[0] == want[0]:
-                tensor = adapt_input_conv(want[1], tensor)
-            if tuple(tensor.shape) != tuple(want):
-                if strict:
-                    raise ValueError(
-                        f"{source}: tensor {key} has shape {tuple(tensor.shape)} but transformers/"
-                        f"{self.model_type} expects {tuple(want)}; set model.init_strict=false to skip it"
-                    )
-                skipped.append(f"{key} {tuple(tensor.shape)}->{tuple(want)}")
-                continue
-            mapped[key] = tensor
-        missing = [k for k in own if k not in mapped]
-        if not mapped:
-            raise ValueError(
-                f"{source}: no tensor fits transformers/{self.model_type}; is it another architecture?"
-            )
+        state = {k: v for k, v in released.state_dict().items() if k in own and k not in not_in_file}
+        mapped, skipped, missing = fit_tensors(
+            own,
+            state,
+            strict,
+            str(source),
+            f"transformers/{self.model_type}",
+            lambda _key, tensor, want: adapt_input_conv(want[1], tensor),
+        )
         self.model.load_state_dict(mapped, strict=False)
         unexpected = list(info.get("unexpected_keys", ()))
         return LoadResult(

@@ -219,54 +219,37 @@ class TimmEncoder(Encoder):
         Raises:
             ValueError: one line naming the source and the tensors at fault.
         """
-        from ..weights import read_weights
+        from ..weights import fit_tensors, read_weights
 
         path, state = read_weights(source)
         first_convs = self.pretrained_cfg.get("first_conv") or ()
         first_convs = (first_convs,) if isinstance(first_convs, str) else tuple(first_convs)
         index = self._key_map()
-        own = self.model.state_dict()
-        mapped: dict[str, Tensor] = {}
-        unexpected: list[str] = []
-        skipped: list[str] = []
-        for key, tensor in state.items():
-            target = index.get(_normalise(key))
-            if target is None:
-                unexpected.append(key)
-                continue
-            want = own[target].shape
-            if (
-                tensor.ndim == 4
-                and len(want) == 4
-                and tensor.shape[1] != want[1]
-                and tensor.shape[0] == want[0]
-            ):
-                if any(key == f"{c}.weight" for c in first_convs) or tensor.shape[1] == 3:
-                    from timm.models import adapt_input_conv
+        renamed = {index[_normalise(k)]: v for k, v in state.items() if _normalise(k) in index}
+        unexpected = [k for k in state if _normalise(k) not in index]
+        names = {index[_normalise(k)]: k for k in state if _normalise(k) in index}
 
-                    tensor = adapt_input_conv(want[1], tensor)
-            if tuple(tensor.shape) != tuple(want):
-                if strict:
-                    raise ValueError(
-                        f"{path}: tensor {key} has shape {tuple(tensor.shape)} but timm/{self.architecture} "
-                        f"expects {tuple(want)}"
-                        + (
-                            f" (the model's input size is {self.input_size}: weights made for another size "
-                            "need data.image_size set to that size)"
-                            if self.input_size is not None
-                            else ""
-                        )
-                        + "; set model.init_strict=false to keep such tensors at random init"
-                    )
-                skipped.append(f"{key} {tuple(tensor.shape)}->{tuple(want)}")
-                continue
-            mapped[target] = tensor
-        missing = [k for k in own if k not in mapped]
-        if not mapped:
+        def adapt(key: str, tensor: Tensor, want: torch.Size) -> Tensor | None:
+            if any(names[key] == f"{c}.weight" for c in first_convs) or tensor.shape[1] == 3:
+                from timm.models import adapt_input_conv
+
+                return adapt_input_conv(want[1], tensor)
+            return None
+
+        hint = (
+            f" (its input size is {self.input_size}: weights made for another size need data.image_size "
+            "set to that size)"
+            if self.input_size is not None
+            else ""
+        )
+        if not renamed:
             raise ValueError(
                 f"{path}: no tensor matches timm/{self.architecture} (first checkpoint keys: "
                 f"{list(state)[:4]}); is it a checkpoint of another architecture?"
             )
+        mapped, skipped, missing = fit_tensors(
+            self.model.state_dict(), renamed, strict, str(path), f"timm/{self.architecture}", adapt, hint
+        )
         if missing and strict:
             raise ValueError(
                 f"{path} lacks {len(missing)} tensors of timm/{self.architecture}, e.g. {missing[:4]}; "
