@@ -47,6 +47,7 @@ def main(cfg: DistillConfig) -> dict:
     cfg = dataclasses.replace(cfg, data=data)
     d = cfg.data
     engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="distill")
+    cfg = dataclasses.replace(cfg, train=engine.cfg)  # train.mixed_precision=auto resolved
     acc = engine.accelerator
     teacher.to(acc.device)
     student = build_student(cfg, engine)

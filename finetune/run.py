@@ -51,6 +51,7 @@ def main(cfg: FinetuneConfig, model: nn.Module | None = None) -> dict:
     data, resize_line = resolve_resize(cfg.data)  # the one resolution of data.resize=auto
     cfg = dataclasses.replace(cfg, data=data)
     engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="finetune")
+    cfg = dataclasses.replace(cfg, train=engine.cfg)  # train.mixed_precision=auto resolved
     acc = engine.accelerator
     d = cfg.data
     init = resolve_init(cfg) if model is None else "external"

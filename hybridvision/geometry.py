@@ -11,12 +11,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 __all__ = [
     "FLIP_AXES",
     "IMAGE_PAD_VALUE",
+    "Scale",
     "gaussian_window",
     "rescaled_size",
     "window_positions",
@@ -30,6 +32,36 @@ IMAGE_PAD_VALUE = 0.0
 
 #: Test-time flips by name: the axes of an (..., H, W) array or tensor they reverse.
 FLIP_AXES: dict[str, tuple[int, ...]] = {"h": (-1,), "v": (-2,), "hv": (-2, -1)}
+
+
+class Scale(NamedTuple):
+    """A rescaling target (``data.resize``, ``--resize``, the exported ``resize``): see :func:`rescaled_size`.
+
+    The one typed form of the setting; every reader goes through :meth:`parse`.
+    """
+
+    short: int  # the short side after rescaling
+    max_long: int = 0  # limit on the long side (0: none)
+
+    @classmethod
+    def parse(cls, value: Any) -> Scale | None:
+        """``value`` as a scale: None or ``"native"`` -> None; ``S``, ``[S]``, ``[S, L]`` -> ``Scale``.
+
+        Raises:
+            ValueError: anything else (the message says what is accepted).
+        """
+        items = value.split() if isinstance(value, str) else value if isinstance(value, Sequence) else [value]
+        if value is None or [str(v).strip().lower() for v in items] == ["native"]:
+            return None
+        try:
+            values = [int(v) for v in items]
+        except (TypeError, ValueError):
+            values = []
+        if len(values) not in (1, 2) or values[0] < 1 or (len(values) == 2 and values[1] < 0):
+            raise ValueError(f"give native, SHORT or [SHORT, MAX_LONG] pixels (SHORT >= 1); got {value!r}")
+        if len(values) == 2 and 0 < values[1] < values[0]:
+            raise ValueError(f"the long-side limit {values[1]} is below the short side {values[0]}")
+        return cls(*values)
 
 
 def rescaled_size(height: int, width: int, resize: Sequence[int] | None) -> tuple[int, int]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import geometry
-from .geometry import FLIP_AXES, IMAGE_PAD_VALUE, rescaled_size, window_positions
+from .geometry import FLIP_AXES, IMAGE_PAD_VALUE, Scale, rescaled_size, window_positions
 
 __all__ = ["Predictor", "gaussian_window", "predict_sliding_window", "predict_whole"]
 
@@ -267,9 +267,7 @@ class Predictor:
         self.batch_size = batch_size
         self.tta_flips = tuple(tta_flips)
         self.output = output
-        if resize is not None and (len(resize) not in (1, 2) or int(resize[0]) < 1):
-            raise ValueError(f"resize must be [short_side] or [short_side, max_long_side], got {resize}")
-        self.resize = [int(v) for v in resize] if resize else None
+        self.resize = Scale.parse(resize)
 
     def __call__(self, images: Tensor) -> Tensor:
         """Predict (B, K, H, W) probabilities or logits for images (B, C, H, W)."""

@@ -12,6 +12,8 @@ decoder (all but its output layer, which reconstructed pixels).
 
 from __future__ import annotations
 
+import dataclasses
+
 import sys
 from pathlib import Path
 
@@ -44,6 +46,7 @@ def main(cfg: PretrainConfig) -> None:
     # reads only the last stage, a pixel-shuffle MIM decoder skips some stage norms
     cfg, lr_line = scale_lr(cfg)  # resolved once, before anything reads optim.lr
     engine = Engine(cfg.train, cfg.optim, run_config=cfg, project_name="pretrain")
+    cfg = dataclasses.replace(cfg, train=engine.cfg)  # train.mixed_precision=auto resolved
     acc = engine.accelerator
     if lr_line:
         engine.print(lr_line)

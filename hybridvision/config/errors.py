@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from ..geometry import Scale
+
 T = TypeVar("T")
 
 
@@ -44,27 +46,13 @@ def field_error(obj: Any, name: str, detail: str) -> ConfigError:
 
 def _check_resize(obj: Any, value: Any) -> list[int] | str:
     """``data.resize`` as ``"auto"``, ``"native"`` or ``[short_side, max_long_side]`` (0: no limit)."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("auto", "native"):
-            return text
-        if not text.isdigit():
-            raise field_error(
-                obj,
-                "resize",
-                f"must be auto, native, a short side or [short_side, max_long_side]; got {value!r}",
-            )
-        value = [int(text)]
-    values = [int(v) for v in value]
-    if len(values) not in (1, 2) or values[0] < 1 or (len(values) == 2 and values[1] < 0):
-        raise field_error(
-            obj,
-            "resize",
-            f"must be [short_side] or [short_side, max_long_side] with short_side >= 1; got {value}",
-        )
-    if len(values) == 2 and 0 < values[1] < values[0]:
-        raise field_error(obj, "resize", f"max_long_side {values[1]} is below short_side {values[0]}")
-    return values if len(values) == 2 else [values[0], 0]
+    if isinstance(value, str) and value.strip().lower() in ("auto", "native"):
+        return value.strip().lower()
+    try:
+        scale = Scale.parse(value)
+    except ValueError as err:
+        raise field_error(obj, "resize", f"is not a scale: {err}, or auto") from None
+    return list(scale) if scale else "native"
 
 
 def _positive(obj: Any, *names: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from ..geometry import Scale
 from .errors import _check_resize, _non_negative, _positive, field_error
 
 T = TypeVar("T")
@@ -153,14 +154,14 @@ class DataConfig:
             )
 
     @property
-    def resize_scale(self) -> list[int] | None:
-        """``[short_side, max_long_side]`` to rescale to, or None for native sizes.
+    def resize_scale(self) -> Scale | None:
+        """The scale to rescale to, or None for native sizes.
 
         ``auto`` must have been resolved first (:func:`hybridvision.data.from_config.resolve_resize`).
         """
         if self.resize == "auto":
             raise RuntimeError("data.resize=auto is resolved from the training images before use")
-        return None if isinstance(self.resize, str) else list(self.resize)  # str: "native" here
+        return Scale.parse(self.resize)
 
     @property
     def normalization(self) -> str | tuple[list[float], list[float]]:

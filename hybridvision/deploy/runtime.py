@@ -35,6 +35,7 @@ from PIL import Image
 from ..geometry import (
     FLIP_AXES,
     IMAGE_PAD_VALUE,
+    Scale,
     gaussian_window,
     rescaled_size,
     window_positions,
@@ -172,7 +173,7 @@ def load_segmenter(path: str | os.PathLike, threads: int | None = None, bf16: bo
     return OnnxSegmenter(path, threads)
 
 
-def parse_resize(option: Sequence[str] | None, recorded: Any = None) -> list[int] | None:
+def parse_resize(option: Sequence[str] | None, recorded: Any = None) -> Scale | None:
     """The prediction scale: ``--resize`` if given, else the model's recorded ``data.resize``.
 
     Args:
@@ -180,23 +181,13 @@ def parse_resize(option: Sequence[str] | None, recorded: Any = None) -> list[int
         recorded: the model's recorded ``data.resize`` (a list, ``"native"`` or absent).
 
     Returns:
-        ``[short_side, max_long_side]``, or None: native size.
+        The scale, or None: native size.
     """
-    if option:
-        if len(option) == 1 and str(option[0]).lower() == "native":
-            return None
-        try:
-            values = [int(v) for v in option]
-        except ValueError:
-            values = []
-        if len(values) not in (1, 2) or values[0] < 1 or (len(values) == 2 and values[1] < 0):
-            raise UserError(
-                f"--resize {' '.join(map(str, option))}: give SHORT [MAX_LONG] pixels or 'native'"
-            )
-        return values
-    if isinstance(recorded, (list, tuple)) and recorded:
-        return [int(v) for v in recorded]
-    return None
+    try:
+        return Scale.parse(option) if option else Scale.parse(recorded or None)
+    except ValueError as err:
+        where = f"--resize {' '.join(map(str, option))}" if option else "the model's recorded resize"
+        raise UserError(f"{where}: {err}") from None
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

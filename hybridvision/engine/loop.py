@@ -9,6 +9,7 @@ live next to it: :mod:`.step`, :mod:`.checkpoints`, :mod:`.loaders`, :mod:`.sign
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,12 +71,17 @@ class Engine:
             raise ValueError(
                 f"find_unused_parameters must be True, False or 'auto', got {find_unused_parameters!r}"
             )
+        # resolved once, into a copy; the saved run config records the mode used
+        train, precision_note = settle_mixed_precision(train)
+        if dataclasses.is_dataclass(run_config) and isinstance(
+            getattr(run_config, "train", None), TrainConfig
+        ):
+            run_config = dataclasses.replace(run_config, train=train)  # type: ignore[type-var]
         self.cfg = train
         self.optim_cfg = optim
         self.run_config = run_config
         self.output_dir = Path(train.output_dir)
         self.find_unused_parameters = find_unused_parameters
-        precision_note = settle_mixed_precision(train)  # resolved once; the saved run config records it
         self.accelerator = _build_accelerator(train, self.output_dir, find_unused_parameters is True)
         if precision_note:
             self.print(f"train.mixed_precision=auto -> {train.mixed_precision} ({precision_note})")

@@ -6,6 +6,7 @@ figure is cached in :func:`precision_cache_path`, keyed by :func:`cpu_signature`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,23 +31,25 @@ def use_cpu_forced() -> bool:
     return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
 
-def settle_mixed_precision(train: TrainConfig) -> str:
-    """Resolve ``train.mixed_precision=auto`` in place (the saved run config records the choice).
+def settle_mixed_precision(train: TrainConfig) -> tuple[TrainConfig, str]:
+    """``train`` with ``mixed_precision=auto`` replaced by the mode it stands for (a copy).
 
     Returns:
-        Why ``auto`` became what it did, or ``""`` when it was set explicitly.
+        The resolved copy (the input is left as given) and why ``auto`` became what it did, or
+        ``""`` when the mode was set explicitly.
 
     Raises:
         ConfigError: fp16 was asked for without a CUDA GPU.
     """
     note = ""
     if train.mixed_precision == "auto":
-        train.mixed_precision, note = resolve_mixed_precision()
+        mode, note = resolve_mixed_precision()
+        train = dataclasses.replace(train, mixed_precision=mode)
     if train.mixed_precision == "fp16" and (not torch.cuda.is_available() or use_cpu_forced()):
         raise ConfigError(
             "train.mixed_precision=fp16 needs a CUDA GPU; on CPU use train.mixed_precision=bf16"
         )
-    return note
+    return train, note
 
 
 def precision_cache_path() -> Path:

@@ -25,6 +25,7 @@ from ..deploy.runtime import (
     labels_from_scores,
     normalization_spec,
 )
+from ..geometry import Scale
 from ..models.base import Segmenter
 
 _logger = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ def _recorded_resize(value: Any) -> list[int] | None:
     ``auto`` is resolved by the stage before training; an unresolved one (a config written by hand)
     cannot be known here and is recorded as native.
     """
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) and value else None
+    scale = Scale.parse(value) if isinstance(value, (list, tuple)) and value else None
+    return list(scale) if scale else None
 
 
 def export_onnx(

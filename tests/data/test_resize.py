@@ -20,7 +20,7 @@ from hybridvision.config import ConfigError, DataConfig, load_config
 from hybridvision.data.from_config import auto_resize, image_sizes, resolve_resize
 from hybridvision.data.transforms import RandomResize, RandomScale, build_seg_transforms
 from hybridvision.deploy.runtime import parse_resize, resize_image
-from hybridvision.geometry import rescaled_size
+from hybridvision.geometry import Scale, rescaled_size
 from hybridvision.inference import Predictor
 
 
@@ -57,6 +57,32 @@ def test_config_values(value, expected):
 def test_bad_config_values_name_the_key(value):
     with pytest.raises(ConfigError, match="resize"):
         load_config(DataConfig, None, [f"resize={value}"])
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("native", None),
+        ("256", Scale(256, 0)),
+        ([256, 1024], Scale(256, 1024)),
+        ((96,), Scale(96, 0)),
+        (["128", "512"], Scale(128, 512)),  # --resize 128 512
+        (["native"], None),  # --resize native
+    ],
+)
+def test_scale_is_the_one_typed_form(value, expected):
+    """Config, --resize and the exported metadata all read the scale through ``Scale.parse``."""
+    assert Scale.parse(value) == expected
+    cfg_value = "native" if value is None else value
+    assert DataConfig(resize=cfg_value).resize_scale == expected
+    assert parse_resize(None, list(expected) if expected else "native") == expected
+
+
+@pytest.mark.parametrize("value", ["big", [0], [512, 100], [1, 2, 3], ["x"]])
+def test_scale_rejects_with_the_rule(value):
+    with pytest.raises(ValueError, match="SHORT|long-side"):
+        Scale.parse(value)
 
 
 def test_unresolved_auto_is_not_used_silently():
@@ -167,10 +193,10 @@ def test_runtime_resize_matches_torch_antialiased_bilinear():
 
 
 def test_parse_resize_option_and_recorded_value():
-    assert parse_resize(None, [128, 512]) == [128, 512]
+    assert parse_resize(None, [128, 512]) == Scale(128, 512)
     assert parse_resize(None, "native") is None and parse_resize(None, None) is None
     assert parse_resize(["native"], [128, 512]) is None
-    assert parse_resize(["96"], None) == [96] and parse_resize(["96", "400"], None) == [96, 400]
+    assert parse_resize(["96"], None) == Scale(96, 0) and parse_resize(["96", "400"], None) == Scale(96, 400)
 
 
 def test_auto_resize_rule():
@@ -211,7 +237,7 @@ def test_resolve_resize_returns_a_resolved_copy_with_a_log_line(tmp_path):
     same, line = resolve_resize(DataConfig(source=str(_folder(tmp_path / "e", [(50, 50), (50, 50)]))))
     assert "one scale" in line and same.resize == "native" and same.resize_scale is None
     fixed = DataConfig(source=str(root), resize=[64, 0])
-    assert resolve_resize(fixed) == (fixed, "data.resize=[64, 0]") and fixed.resize_scale == [64, 0]
+    assert resolve_resize(fixed) == (fixed, "data.resize=[64, 0]") and fixed.resize_scale == Scale(64, 0)
     synthetic, _ = resolve_resize(DataConfig())
     assert synthetic.resize == "native"
 

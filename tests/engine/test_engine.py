@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import signal
@@ -489,8 +491,20 @@ def test_engine_resolves_auto_precision_and_records_it(
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(precision, "measure_cpu_bf16_speedup", lambda: 0.5)  # read on CPUs only
-    eng = _engine(tmp_path, mixed_precision="auto")
+    from hybridvision.config import OptimConfig, TrainConfig
+    from hybridvision.engine import Engine
+
+    @dataclasses.dataclass
+    class Run:
+        train: TrainConfig
+
+    _reset_accelerate()
+    given = TrainConfig(output_dir=str(tmp_path), max_steps=1, progress_bar=False, trackers=[], mixed_precision="auto")
+    run = Run(given)
+    eng = Engine(given, OptimConfig(lr=0.1, warmup_steps=0), run_config=run)
     expected = resolve_mixed_precision()[0]
+    assert eng.run_config.train.mixed_precision == expected  # what run_config.yaml records
+    assert given.mixed_precision == run.train.mixed_precision == "auto"  # resolved into a copy
     assert expected == ("bf16" if torch.cuda.is_available() else "no")
     assert eng.cfg.mixed_precision == expected  # the saved run config shows the mode used
     assert eng.accelerator.mixed_precision == expected
