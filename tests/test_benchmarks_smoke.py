@@ -11,6 +11,7 @@ import json
 import math
 import multiprocessing
 import multiprocessing.util
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,19 +169,17 @@ def test_encoders_benchmark_prints_every_row(capsys: pytest.CaptureFixture[str])
 def test_export_benchmark_runs(isolated: tuple[Path, Path], capsys: pytest.CaptureFixture[str]):
     """PyTorch vs onnxruntime fp32 vs int8 rows for a teacher and a student (no timing asserted)."""
     bench = _load("export")
-    args = ["--teacher", "unet_resnet_nano", "--student", "segformer_nano", "--num-classes", "3"]
+    args = ["--teacher", "unet_resnet_nano", "--student", "segformer_nano", "--num-classes", "3", "--extra"]
+    args += ["--runtimes", "onnxruntime"]  # OpenVINO in-process breaks later forks (tests/test_openvino.py)
     bench.main([*args, "--size", "32", "32", "--reps", "1", "--warmup", "0", "--calibration-count", "2"])
     out = capsys.readouterr().out
-    rows = [
-        line.split()
-        for line in out.splitlines()
-        if ("onnxruntime" in line or "pytorch eager" in line) and "vs fp32" not in line
-    ]
+    rows = [line.split() for line in out.splitlines() if "onnxruntime " in line or "pytorch eager" in line]
+    rows = [row for row in rows if "fastest" not in row]
     assert len(rows) == 6  # teacher and student x eager, fp32, int8
     for row in rows:
-        ms = float(row[-4])
+        ms = float(row[-5])
         assert math.isfinite(ms) and ms > 0
-    assert out.count("int8 vs fp32 (onnxruntime)") == 2 and "nan" not in out.lower()
+    assert out.count("fastest exported: onnxruntime") == 2 and not re.search(r"\bnan\b", out.lower())
     assert _left_behind(isolated) == []
 
 
