@@ -7,12 +7,14 @@ Every encoder in the zoo subclasses :class:`Encoder` and so exposes
 * ``forward_features(x, mask=None, mask_token=None) -> list[Tensor]`` — NCHW maps,
 
 which is all decoders, SSL heads and distillation hooks rely on (cf. smp ``EncoderMixin``,
-timm ``forward_intermediates``).
+timm ``forward_intermediates``). Encoders with ``encodes_visible_only`` also implement
+``forward_visible(x, mask, mask_token)``: masked image modelling whose attention stages encode the
+visible tokens only (MAE-style).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +117,8 @@ class Encoder(nn.Module):
     pixels, then the subclass replaces masked positions after its first embedding by
     ``mask_token`` (``apply_token_mask``) and zeroes them again after every convolutional stage
     (SparK / ConvNeXt-V2 style), so masked pixels can reach a loss only as targets.
+    Encoders with ``encodes_visible_only`` also implement :meth:`forward_visible`, where
+    attention stages never compute masked tokens at all.
     """
 
     out_channels: tuple[int, ...]
@@ -126,6 +130,10 @@ class Encoder(nn.Module):
     mask_token_dim: int
     #: kwargs that rebuild this encoder with ``create_encoder(name, **build_kwargs)``
     build_kwargs: dict[str, Any]
+    #: :meth:`forward_visible` is implemented (attention stages encode the visible tokens only)
+    encodes_visible_only: ClassVar[bool] = False
+    #: :meth:`forward_visible` fills masked positions after a convolutional stem with the mask token
+    visible_only_mask_token: ClassVar[bool] = False
 
     def forward_features(
         self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None
@@ -141,6 +149,46 @@ class Encoder(nn.Module):
         Returns:
             list of (B, out_channels[i], H_pad / reductions[i], W_pad / reductions[i]).
         """
+        return self._forward_features(self._padded_input(x, mask), mask, mask_token)
+
+    def forward_visible(self, x: Tensor, mask: Tensor, mask_token: Tensor | None = None) -> list[Tensor]:
+        """Multi-scale features of a masked image whose attention stages see the visible tokens only.
+
+        MAE (He et al., 2022) / GreenMIM (Huang et al., 2022) style: a masked token is never a
+        query, key or value of an attention stage, and token-wise layers skip it, which is where
+        the saving comes from; convolutional stages compute SparK-style (masked positions zeroed
+        after every block). Every returned map is zero at masked positions: the MIM decoder fills
+        them (its mask embeddings), as MAE's decoder adds mask tokens.
+
+        Args:
+            x: (B, in_chans, H, W) images.
+            mask: (B, 1, h, w) patch mask, 1 = masked; every cell (after padding) spans whole
+                tokens of the deepest stage, so that no patch merge mixes visible and masked tokens.
+            mask_token: (mask_token_dim,) token for masked positions after a convolutional stem
+                (read only where ``visible_only_mask_token``).
+
+        Returns:
+            list of (B, out_channels[i], H_pad / reductions[i], W_pad / reductions[i]).
+
+        Raises:
+            NotImplementedError: if this encoder does not encode visible tokens only.
+            ValueError: if the mask cells do not span whole deepest-stage tokens.
+        """
+        if not self.encodes_visible_only:
+            raise NotImplementedError(f"{type(self).__name__} does not encode visible tokens only")
+        x = self._padded_input(x, mask)
+        stride = max(self.reductions)
+        cell = (x.shape[-2] // mask.shape[-2], x.shape[-1] // mask.shape[-1])
+        if cell[0] % stride or cell[1] % stride:
+            raise ValueError(
+                f"visible-only encoding needs mask cells that span whole stride-{stride} tokens; "
+                f"the mask {tuple(mask.shape[-2:])} cuts the (padded) input {tuple(x.shape[-2:])} into "
+                f"{cell[0]}x{cell[1]} px cells (use a mask patch size that is a multiple of {stride})"
+            )
+        return self._forward_visible(x, mask, mask_token)
+
+    def _padded_input(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """``x`` padded to the encoder's size, its masked pixels zeroed; checks the shapes."""
         if x.ndim != 4:
             raise ValueError(f"{type(self).__name__} expects (B, C, H, W) input, got shape {tuple(x.shape)}")
         x = (
@@ -156,9 +204,12 @@ class Encoder(nn.Module):
                     f"{tuple(x.shape[-2:])}: expected (B, 1, h, w) with h | H and w | W"
                 )
             x = apply_token_mask(x, mask, None)
-        return self._forward_features(x, mask, mask_token)
+        return x
 
     def _forward_features(self, x: Tensor, mask: Tensor | None, mask_token: Tensor | None) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _forward_visible(self, x: Tensor, mask: Tensor, mask_token: Tensor | None) -> list[Tensor]:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> list[Tensor]:

@@ -33,6 +33,7 @@ __all__ = [
     "list_encoders",
     "list_decoders",
     "list_segmenters",
+    "preset_class",
 ]
 
 
@@ -69,6 +70,7 @@ class SegmenterSpec:
 _ENCODERS: dict[str, Callable[..., Any]] = {}
 _DECODERS: dict[str, Callable[..., Any]] = {}
 _SEGMENTERS: dict[str, SegmenterSpec] = {}
+_PRESET_CLASSES: dict[str, Any] = {}  # encoder name -> the class its preset builds (register_presets)
 #: ``<namespace>/<architecture>`` names built by a family that takes the architecture as its first
 #: argument (``timm/fastvit_t8``, ``transformers/dinov2``); the slash keeps them apart from zoo names
 _NAMESPACES: dict[str, tuple[Callable[..., Any], str, Callable[[str], Any] | None]] = {}
@@ -232,3 +234,9 @@ def register_presets(presets: Mapping[str, Any], encoder_cls: Callable[..., Any]
         factory.__name__ = name
         factory.__doc__ = f"{name} encoder: {config}."
         register_encoder(name)(factory)
+        _PRESET_CLASSES[name] = encoder_cls
+
+
+def preset_class(name: str) -> Any:
+    """The class a preset registered by :func:`register_presets` builds; None for other encoders."""
+    return _PRESET_CLASSES.get(name)

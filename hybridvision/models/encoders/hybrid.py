@@ -28,6 +28,7 @@ from ..layers.attention import Attention
 from ..layers.common import ConvNormAct, DropPath, LayerNorm2d, Mlp, trunc_normal_init
 from ..layers.fusion import FUSIONS, create_fusion
 from ..layers.linear_attention import LinearAttention
+from ..layers.visible_tokens import VisibleTokens, visible_swin_stack, visible_token_blocks
 from ..layers.window_attention import SwinBlockStack
 from ..registry import register_presets, replace_preset
 
@@ -281,6 +282,21 @@ class TransformerStage(nn.Module):
                 )
             )
 
+    def forward_visible(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The blocks on the visible tokens only (``layers.visible_tokens``).
+
+        The position encoding still reads the whole map. Args: x (B, C, H, W); mask (B, 1, h, w).
+        Returns (B, C, H, W), zero at masked positions.
+        """
+        tokens = VisibleTokens.from_mask(mask, (x.shape[-2], x.shape[-1]))
+        if self.windowed:
+            y = tokens.gather(x.permute(0, 2, 3, 1))  # (M, C)
+            y = visible_swin_stack(cast(SwinBlockStack, self.blocks), y, tokens)
+        else:
+            y = tokens.gather((x + self.position_conv(x)).permute(0, 2, 3, 1))  # (M, C)
+            y = visible_token_blocks(self.blocks, y, tokens)
+        return tokens.scatter(y).permute(0, 3, 1, 2)
+
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Args: x (B, C, H, W); mask unused (Transformer stages are not re-masked). Returns (B, C, H, W)."""
         if self.windowed:
@@ -317,6 +333,11 @@ class ConvWindowAttnStage(nn.Module):
         fused = self.fusion(self.conv_path(x, mask), self.attn_path(x))
         return apply_token_mask(fused, mask, None)
 
+    def forward_visible(self, x: Tensor, mask: Tensor) -> Tensor:
+        """As :meth:`forward`, the attention path on visible tokens only. Returns (B, C, H, W)."""
+        fused = self.fusion(self.conv_path(x, mask), self.attn_path.forward_visible(x, mask))
+        return apply_token_mask(fused, mask, None)
+
 
 def conv_stem(in_chans: int, dim: int, stride: int) -> nn.Sequential:
     """Overlapping conv stem: 3x3/2 conv-BN-GELU, 3x3/(stride/2) conv, LayerNorm. (B, in, H, W) -> (B, dim, H/s, W/s)."""
@@ -342,7 +363,9 @@ class HybridEncoder(Encoder):
 
     Each stage output goes through a LayerNorm and is returned. Masking: the mask token replaces
     masked positions after the stem; every conv block and every fused conv + window-attention stage
-    output is zeroed at masked positions; global-attention stages are not re-masked.
+    output is zeroed at masked positions; global-attention stages are not re-masked. With
+    :meth:`forward_visible` the attention blocks (window and global) run on the visible tokens only,
+    the conv paths stay masked as above, and every returned map is zero at masked positions.
 
     Args:
         config: the architecture.
@@ -400,6 +423,20 @@ class HybridEncoder(Encoder):
             x = stage(down(x), mask)
             feature = norm(x)
             features.append(apply_token_mask(feature, mask, None) if convolutional else feature)
+        return features
+
+    encodes_visible_only = True
+    visible_only_mask_token = True
+
+    def _forward_visible(self, x: Tensor, mask: Tensor, mask_token: Tensor | None) -> list[Tensor]:
+        x = apply_token_mask(self.stem(x), mask, mask_token)  # (B, C1, H/s, W/s)
+        features = []
+        for down, stage, norm in zip(self.downsamples, self.stages, self.norms):
+            if isinstance(stage, (ConvWindowAttnStage, TransformerStage)):
+                x = stage.forward_visible(down(x), mask)
+            else:
+                x = stage(down(x), mask)  # a ConvStage: masked positions zeroed after every block
+            features.append(apply_token_mask(norm(x), mask, None))
         return features
 
     def no_weight_decay(self) -> set[str]:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..base import Encoder, apply_token_mask
 from ..layers.common import ConvNormAct, trunc_normal_init
 from ..layers.pos_embed import sincos_2d_pos_embed
+from ..layers.visible_tokens import VisibleTokens, visible_token_blocks
 from ..registry import register_presets
 from .hybrid import AttentionBlock, drop_path_rates
 
@@ -89,7 +90,7 @@ class SequentialHybridEncoder(Encoder):
     stride-32 map + fixed 2-D sin-cos position embedding (MAE's, for the actual grid) -> pre-norm
     global-attention layers -> LayerNorm. Masking: the mask token replaces masked positions after
     the stem and every residual block's output is zeroed at masked positions; the refinement is not
-    re-masked.
+    re-masked, except by :meth:`forward_visible`, whose refinement sees the visible tokens only.
 
     Args:
         config: the architecture.
@@ -126,23 +127,47 @@ class SequentialHybridEncoder(Encoder):
         for module in (self.refinement, self.refinement_norm):
             module.apply(trunc_normal_init)
 
-    def refine(self, x: Tensor) -> Tensor:
-        """Global-attention refinement. Args: x (B, C, H, W). Returns (B, C, H, W)."""
+    def refine(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Global-attention refinement, of the visible tokens only under a ``mask`` (B, 1, h, w).
+
+        Args: x (B, C, H, W). Returns (B, C, H, W), with a mask zero at masked positions.
+        """
         b, c, h, w = x.shape
         pos = sincos_2d_pos_embed(c, h, w).to(device=x.device, dtype=x.dtype)  # (1, H*W, C)
         tokens = x.flatten(2).transpose(1, 2).contiguous() + pos  # (B, H*W, C), token-major
+        if mask is not None:
+            visible = VisibleTokens.from_mask(mask, (h, w))
+            out = visible_token_blocks(self._refine_tokens, visible.gather(tokens), visible)  # (M, C)
+            return visible.scatter(out).permute(0, 3, 1, 2)
+        return self._refine_tokens(tokens).transpose(1, 2).reshape(b, c, h, w)
+
+    def _refine_tokens(self, tokens: Tensor) -> Tensor:
+        """The refinement layers and norm. Args: tokens (B, N, C). Returns (B, N, C)."""
         for block in self.refinement:
             tokens = block(tokens)
-        return self.refinement_norm(tokens).transpose(1, 2).reshape(b, c, h, w)
+        return self.refinement_norm(tokens)
 
-    def _forward_features(self, x: Tensor, mask: Tensor | None, mask_token: Tensor | None) -> list[Tensor]:
+    def _cnn_features(self, x: Tensor, mask: Tensor | None, mask_token: Tensor | None) -> list[Tensor]:
+        """The CNN stages' outputs, masked SparK-style under a mask (before the refinement)."""
         x = apply_token_mask(self.stem(x), mask, mask_token)  # (B, C1, H/4, W/4)
         features = []
         for stage in cast("Iterable[nn.Sequential]", self.stages):
             for block in stage:
                 x = apply_token_mask(block(x), mask, None)
             features.append(x)
+        return features
+
+    def _forward_features(self, x: Tensor, mask: Tensor | None, mask_token: Tensor | None) -> list[Tensor]:
+        features = self._cnn_features(x, mask, mask_token)
         features[-1] = self.refine(features[-1])
+        return features
+
+    encodes_visible_only = True
+    visible_only_mask_token = True
+
+    def _forward_visible(self, x: Tensor, mask: Tensor, mask_token: Tensor | None) -> list[Tensor]:
+        features = self._cnn_features(x, mask, mask_token)
+        features[-1] = self.refine(features[-1], mask)
         return features
 
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
 from ..base import Encoder, apply_token_mask
 from ..layers.common import trunc_normal_init
+from ..layers.visible_tokens import VisibleTokens, visible_swin_stack
 from ..layers.window_attention import SwinBlockStack, drop_path_rates
 from ..registry import register_presets
 
@@ -129,6 +130,15 @@ class PatchMerging(nn.Module):
         x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
         return self.reduction(self.norm(x))
 
+    def merge_tokens(self, x: Tensor, children: Tensor) -> Tensor:
+        """Merge compact tokens (the visible-only path).
+
+        Args: x (M, C); children (M' * 4,) rows of x in merging order (``VisibleTokens.merged``).
+        Returns (M', out_dim).
+        """
+        x = x.index_select(0, children).view(-1, 4 * x.shape[-1])  # (M', 4C)
+        return self.reduction(self.norm(x))
+
 
 class SwinStage(nn.Module):
     """Optional patch merging (``downsample``) followed by a :class:`SwinBlockStack` (``blocks``)."""
@@ -149,7 +159,8 @@ class SwinTransformer(Encoder):
     """Swin Transformer encoder (Liu et al., ICCV 2021) returning NCHW maps at strides 4..32.
 
     Masked image modelling (SimMIM style): the mask token replaces masked patch embeddings after
-    the patch-embedding norm; transformer stages are not re-masked.
+    the patch-embedding norm; transformer stages are not re-masked. :meth:`forward_visible`
+    encodes the visible tokens only (MAE / GreenMIM style, see ``layers.visible_tokens``).
 
     Args:
         config: architecture (see :data:`SWIN_PRESETS`).
@@ -209,6 +220,30 @@ class SwinTransformer(Encoder):
                 out = x
             # (B, C_i, h_i, w_i) as a channels_last view: no copy (decoders' convs take it as is)
             feats.append(out.permute(0, 3, 1, 2))
+        return feats
+
+    encodes_visible_only = True
+
+    def _forward_visible(self, x: Tensor, mask: Tensor, mask_token: Tensor | None) -> list[Tensor]:
+        del mask_token  # masked tokens are never encoded: the decoder fills them
+        embedded = self.patch_embed.proj(x).permute(0, 2, 3, 1)  # (B, H/4, W/4, C)
+        tokens = VisibleTokens.from_mask(mask, (embedded.shape[1], embedded.shape[2]))
+        y = self.patch_embed.norm(tokens.gather(embedded))  # (M, C)
+        feats = []
+        last = len(self.layers) - 1
+        for i, module in enumerate(self.layers):
+            stage = cast(SwinStage, module)
+            if i > 0:
+                tokens, children = tokens.merged()
+                y = cast(PatchMerging, stage.downsample).merge_tokens(y, children)  # (M_i, C_i)
+            y = visible_swin_stack(stage.blocks, y, tokens)
+            if i == last:
+                out = self.norm(y)
+            elif self.stage_norms is not None:
+                out = self.stage_norms[i](y)
+            else:
+                out = y
+            feats.append(tokens.scatter(out).permute(0, 3, 1, 2))  # (B, C_i, h_i, w_i), 0 where masked
         return feats
 
     def no_weight_decay(self) -> set[str]:

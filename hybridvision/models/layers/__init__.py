@@ -13,6 +13,7 @@ from .fusion import (
 from .linear_attention import LinearAttention, linear_attention
 from .pos_embed import interpolate_pos_embed, sincos_2d_pos_embed
 from .sr_attention import SpatialReductionAttention
+from .visible_tokens import VisibleTokens, visible_swin_stack, visible_token_blocks, window_groups
 from .window_attention import (
     SwinBlockStack,
     SwinTransformerBlock,
@@ -37,6 +38,7 @@ __all__ = [
     "SpatialReductionAttention",
     "SwinBlockStack",
     "SwinTransformerBlock",
+    "VisibleTokens",
     "WindowAttention",
     "create_fusion",
     "drop_path",
@@ -45,6 +47,9 @@ __all__ = [
     "linear_attention",
     "sincos_2d_pos_embed",
     "trunc_normal_init",
+    "visible_swin_stack",
+    "visible_token_blocks",
+    "window_groups",
     "window_partition",
     "window_reverse",
 ]
