@@ -17,7 +17,7 @@ from hybridvision.models.registry import segmenter_spec
 from hybridvision.models.transfer import InitReport, build_encoder, build_segmenter
 from pretrain.config import PretrainConfig
 from pretrain.heads import classifier_prefix
-from pretrain.objectives import PretrainModel, scaled_lr
+from pretrain.objectives import PretrainModel, scaled_lr, visible_only_encoders
 from pretrain.views import build_pretrain_transform
 
 DEFAULT_ENCODER = "hybrid_nano"  # model.name when neither it nor model.init is given
@@ -41,6 +41,7 @@ def build_model(cfg: PretrainConfig) -> tuple[PretrainModel, InitReport]:
         contrastive_weight=obj.contrastive_weight,
         mim_weight=obj.mim_weight,
         dense_points=obj.dense_points,
+        visible_only=obj.visible_only,
     )
     c = cfg.data.in_chans
     m = cfg.model
@@ -60,6 +61,11 @@ def build_model(cfg: PretrainConfig) -> tuple[PretrainModel, InitReport]:
     encoder, report = build_encoder(
         name, c, init=m.init, strict=m.init_strict, overrides=m.overrides, input_size=size
     )
+    if obj.visible_only and not encoder.encodes_visible_only:
+        raise ConfigError(
+            f"objective.visible_only=true needs an encoder that encodes visible tokens only "
+            f"({', '.join(visible_only_encoders())}); model {name or m.init} does not"
+        )
     return PretrainModel(encoder, obj.name, **options), report
 
 

@@ -29,6 +29,9 @@ class ObjectiveConfig:
     mim_decoder_dim: int = 256  # multiscale decoder width at the deepest scale (halves per finer scale)
     mim_loss: Literal["l1", "mse"] = "l1"  # reconstruction loss on masked pixels
     norm_pix_loss: bool = False  # MAE per-patch normalised targets
+    # MIM: attention stages encode the visible tokens only (MAE / GreenMIM; swin_*, hybrid_*,
+    # sequential_* encoders, multiscale decoder); see docs/stages.md for the speed-up
+    visible_only: bool = False
     sync_batchnorm: bool = True  # convert BatchNorm to SyncBatchNorm under multi-GPU DDP (CUDA only)
     augment_preset: Literal["auto", "rgb", "grayscale", "multiband"] = "auto"  # view augmentations
     min_crop_scale: float = 0.25  # smallest area fraction of a contrastive crop (SimCLR: 0.08)
@@ -39,6 +42,16 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.temperature <= 0:
             raise ConfigError(f"objective.temperature must be > 0, got {self.temperature}")
+        if self.visible_only and self.name in ("contrastive", "dense_contrastive"):
+            raise ConfigError(
+                f"objective.visible_only=true is an option of MIM; objective.name={self.name} has no MIM "
+                "term: use objective.name=mim or contrastive_mim"
+            )
+        if self.visible_only and self.mim_decoder not in ("auto", "multiscale"):
+            raise ConfigError(
+                f"objective.visible_only=true needs objective.mim_decoder=multiscale (or auto), got "
+                f"{self.mim_decoder}: only its mask embeddings fill the positions the encoder leaves empty"
+            )
         if self.mim_decoder == "segmenter" and self.name in ("contrastive", "dense_contrastive"):
             raise ConfigError(
                 "objective.mim_decoder=segmenter trains the decoder by reconstruction: "

@@ -15,7 +15,10 @@ Objectives:
   ``mask_token`` after its stem), a light decoder reconstructs the pixels, and an L1 (or MSE)
   loss is taken on masked pixels only. With ``segmentation_decoder`` the decoder is the
   segmenter's own (``SegmentationDecoderHead``): the whole encoder-decoder learns to restore the
-  masked image and fine-tuning inherits both halves (``objective.mim_decoder=segmenter``).
+  masked image and fine-tuning inherits both halves (``objective.mim_decoder=segmenter``). With
+  ``visible_only`` (MAE, He et al., 2022; GreenMIM, Huang et al., 2022) the encoder's attention
+  stages encode the visible tokens only (``Encoder.forward_visible``) and the multiscale
+  decoder's mask embeddings stand in for the masked ones (``objective.visible_only=true``).
 * ``"contrastive_mim"`` — the weighted sum of both, on the same step. The MIM branch reads
   ``batch["image"]`` (a random resized crop with no photometric augmentation), not ``view0``:
   colour jitter, grayscale and blur would make the reconstruction target depend on random
@@ -58,6 +61,7 @@ from lightly.loss import NTXentLoss
 from torch import Tensor, nn
 
 from hybridvision.models.base import Encoder, Segmenter, encoder_layer_groups, mask_to
+from hybridvision.models.registry import list_encoders, preset_class
 
 from .dense import make_dense_views, sample_points
 from .heads import (
@@ -82,6 +86,7 @@ __all__ = [
     "masked_reconstruction_loss",
     "patch_normalize",
     "scaled_lr",
+    "visible_only_encoders",
 ]
 
 OBJECTIVES = ("contrastive", "mim", "contrastive_mim", "dense_contrastive")
@@ -291,6 +296,10 @@ class MIMObjective(nn.Module):
         segmentation_decoder: a segmentation decoder with ``in_chans`` outputs to use instead of
             ``decoder`` (wrapped in :class:`SegmentationDecoderHead`); decoders with image skips
             get the masked image.
+        visible_only: encode the visible tokens only (``encoder.forward_visible``; the encoder must
+            have ``encodes_visible_only``, the decoder must be the multiscale one, whose mask
+            embeddings fill the masked positions). The mask token exists only for encoders whose
+            convolutional stem reads it (``visible_only_mask_token``).
     """
 
     def __init__(
@@ -306,8 +315,11 @@ class MIMObjective(nn.Module):
         gather_distributed: bool = True,
         max_log_images: int = 8,
         segmentation_decoder: nn.Module | None = None,
+        visible_only: bool = False,
     ):
         super().__init__()
+        if visible_only:
+            _check_visible_only(encoder, "segmenter" if segmentation_decoder is not None else decoder)
         if loss not in ("l1", "mse"):
             raise ValueError(f"loss must be 'l1' or 'mse', got {loss!r}")
         if mask_patch_size < 1 or not 0.0 < mask_ratio < 1.0:
@@ -321,8 +333,11 @@ class MIMObjective(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.gather_distributed = gather_distributed
         self.max_log_images = max_log_images
-        self.mask_token = nn.Parameter(torch.zeros(encoder.mask_token_dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)  # SimMIM's init
+        self.visible_only = visible_only
+        self.mask_token: nn.Parameter | None = None
+        if not visible_only or encoder.visible_only_mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(encoder.mask_token_dim))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)  # SimMIM's init
         if segmentation_decoder is not None:
             self.decoder = SegmentationDecoderHead(segmentation_decoder, encoder.reductions[0])
         else:
@@ -354,7 +369,10 @@ class MIMObjective(nn.Module):
             mask = self.mask_generator((h, w))(b, device=x.device)
         mask = mask.to(device=x.device, dtype=torch.float32)  # (B, 1, gh, gw)
         x_pad, mask_pad = _pad_image_and_mask(x, mask, self.size_divisor)
-        feats = encoder.forward_features(x_pad, mask=mask_pad, mask_token=self.mask_token)
+        if self.visible_only:
+            feats = encoder.forward_visible(x_pad, mask_pad, self.mask_token)  # 0 where masked
+        else:
+            feats = encoder.forward_features(x_pad, mask=mask_pad, mask_token=self.mask_token)
         if isinstance(self.decoder, SegmentationDecoderHead):
             image = (
                 x_pad * (1 - mask_to(mask_pad, x_pad.shape[-2:]).to(x_pad.dtype))
@@ -386,6 +404,25 @@ class MIMObjective(nn.Module):
         }
         stats = {"mask_ratio": pixel_mask.mean().detach()}
         return PretrainOutput(loss=loss, terms={"mim": loss.detach()}, stats=stats, images=images)
+
+
+def visible_only_encoders() -> list[str]:
+    """Registered encoders that can encode visible tokens only (``objective.visible_only``)."""
+    return [n for n in list_encoders() if getattr(preset_class(n), "encodes_visible_only", False)]
+
+
+def _check_visible_only(encoder: Encoder, decoder: str) -> None:
+    """Raise a one-line error when ``objective.visible_only=true`` cannot work with these parts."""
+    if not encoder.encodes_visible_only:
+        raise ValueError(
+            f"objective.visible_only=true needs an encoder that encodes visible tokens only "
+            f"({', '.join(visible_only_encoders())}); {type(encoder).__name__} does not"
+        )
+    if decoder not in ("auto", "multiscale"):
+        raise ValueError(
+            f"objective.visible_only=true needs objective.mim_decoder=multiscale (or auto), got {decoder}: "
+            "only its mask embeddings fill the positions the encoder leaves empty"
+        )
 
 
 class DenseContrastiveObjective(nn.Module):
@@ -543,6 +580,7 @@ def build_objective(
     max_log_images: int = 8,
     segmentation_decoder: nn.Module | None = None,
     dense_points: int = 64,
+    visible_only: bool = False,
 ) -> nn.Module:
     """Build an objective module by name from plain arguments (no config object).
 
@@ -567,11 +605,16 @@ def build_objective(
         max_log_images: images kept for logging (MIM).
         segmentation_decoder: the segmenter's decoder (``in_chans`` outputs) as the MIM decoder.
         dense_points: points per image of ``dense_contrastive``.
+        visible_only: MIM encodes the visible tokens only (see :class:`MIMObjective`).
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
     if segmentation_decoder is not None and name in ("contrastive", "dense_contrastive"):
         raise ValueError("a segmentation decoder is a MIM decoder: use objective mim or contrastive_mim")
+    if visible_only and name in ("contrastive", "dense_contrastive"):
+        raise ValueError(
+            "objective.visible_only=true is an option of MIM: use objective mim or contrastive_mim"
+        )
     if name == "dense_contrastive":
         return DenseContrastiveObjective(
             encoder,
@@ -608,6 +651,7 @@ def build_objective(
             gather_distributed=gather_distributed,
             max_log_images=max_log_images,
             segmentation_decoder=segmentation_decoder,
+            visible_only=visible_only,
         )
     if contrastive is not None and mim is not None:
         return CombinedObjective(contrastive, mim, contrastive_weight, mim_weight)
@@ -715,6 +759,6 @@ class PretrainModel(nn.Module):
             prefix = f"{name}." if name else ""
             if isinstance(module, (MultiScaleDecoder, SegmentationDecoderHead)):
                 names |= {prefix + n for n in module.no_weight_decay()}
-            elif isinstance(module, MIMObjective):
+            elif isinstance(module, MIMObjective) and module.mask_token is not None:
                 names.add(prefix + "mask_token")
         return names

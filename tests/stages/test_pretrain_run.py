@@ -131,3 +131,26 @@ def test_segmenter_preset_as_encoder_says_both_ways(tmp_path: Path):
     res = run_stage("pretrain/run.py", *tiny_pretrain_args(tmp_path), "model.name=segformer_nano")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "model.name=mit_nano" in res.stderr and "objective.mim_decoder=segmenter" in res.stderr
+
+
+def test_visible_only_mim_runs_and_rejects_encoders_without_it(tmp_path: Path):
+    res = run_stage(
+        "pretrain/run.py",
+        *tiny_pretrain_args(tmp_path / "swin"),
+        "model.name=swin_nano",
+        "objective.name=mim",
+        "objective.visible_only=true",
+        "probe.source=none",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = json.loads((tmp_path / "swin" / "encoder" / "config.json").read_text())
+    assert saved["extra"]["run_config"]["objective"]["visible_only"] is True
+    res = run_stage(
+        "pretrain/run.py",
+        *tiny_pretrain_args(tmp_path / "mit"),
+        "model.name=mit_nano",
+        "objective.name=mim",
+        "objective.visible_only=true",
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "objective.visible_only" in res.stderr and "swin_tiny" in res.stderr
