@@ -34,8 +34,19 @@ Usage::
 
 3. MIM on ``swin_tiny`` vs transformers' ``SwinForMaskedImageModeling`` (SimMIM), 192 x 192,
    batch 8, window 6, 32 px mask blocks by default: ours with the multiscale (SparK-style) decoder
-   and with the pixel-shuffle head, the same images, masks and AdamW, fp32 and bf16 interleaved
-   (see :func:`bench_simmim`; ``--simmim-*`` flags, ``--skip-simmim``).
+   and with the pixel-shuffle head (every token encoded), ours encoding the visible tokens only
+   (``objective.visible_only=true``, multiscale decoder), the same images, masks and AdamW, fp32
+   and bf16 interleaved (see :func:`bench_simmim`; ``--simmim-*`` flags, ``--skip-simmim``).
+
+4. With section 3: the full and the visible-only MIM step of the default encoders (conv stages,
+   then attention stages: ``hybrid_nano``, pretraining's default, and ``sequential_tiny``, the
+   default fine-tuning model's), same size, batch and masks, fp32 and bf16 interleaved: what
+   skipping masked tokens saves when only the attention stages can skip them
+   (``--visible-encoders``; none to skip).
+
+``python benchmarks/pretrain.py --skip-contrastive --skip-mim`` runs sections 3 and 4 only (the
+figures in ``benchmarks/results/pretrain_visible_only.txt``). The CPU, its bf16/AMX flags and what
+``train.mixed_precision=auto`` picks on it are printed first.
 
 Timings on a shared machine are noisy: compare figures from one run, not across runs.
 """
@@ -45,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import platform
 import shutil
 import statistics
 import sys
@@ -434,11 +446,18 @@ def bench_simmim(args: argparse.Namespace, device: torch.device) -> dict[str, fl
     bool_masked_pos = mask.repeat_interleave(scale, 2).repeat_interleave(scale, 3).flatten(1).to(device)
     batch = {"image": x, "mask": mask.to(device)}
     models: dict[str, nn.Module] = {}
-    for decoder in ("multiscale", "pixel_shuffle"):
+    variants = {"multiscale": ("multiscale", False), "pixel_shuffle": ("pixel_shuffle", False)}
+    variants["visible-only"] = ("multiscale", True)
+    for label, (decoder, visible_only) in variants.items():
         torch.manual_seed(0)
         encoder = create_encoder("swin_tiny", window_size=window)
-        models[f"ours ({decoder})"] = PretrainModel(
-            encoder, "mim", in_chans=3, mask_patch_size=args.mask_patch_size, decoder=decoder
+        models[f"ours ({label})"] = PretrainModel(
+            encoder,
+            "mim",
+            in_chans=3,
+            mask_patch_size=args.mask_patch_size,
+            decoder=decoder,
+            visible_only=visible_only,
         ).to(device)
     config = SwinConfig(image_size=size, window_size=window, encoder_stride=32, drop_path_rate=0.2)
     models["transformers SimMIM"] = SwinForMaskedImageModeling(config).to(device)
@@ -467,7 +486,78 @@ def bench_simmim(args: argparse.Namespace, device: torch.device) -> dict[str, fl
             results[f"{key}|{dtype}"] = value
             if key != "transformers SimMIM":
                 results[f"ratio {key}|{dtype}"] = value / ips["transformers SimMIM"]
+        saving = ips["ours (visible-only)"] / ips["ours (multiscale)"]
+        results[f"visible-only vs full|{dtype}"] = saving
+        print(f"ours (visible-only) vs ours (multiscale), every token encoded: {saving:.3f}x")
     return results
+
+
+def bench_visible_only(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Section 4: full vs visible-only MIM step of encoders whose first stages are convolutional.
+
+    Same size, batch, masks and AdamW as :func:`bench_simmim`, the default (multiscale) decoder;
+    their conv stages compute every position either way (SparK-style masking), so only the
+    attention stages skip masked tokens. Returns images/s per ``encoder|mode|dtype`` and the
+    visible-only / full ratio per ``encoder|dtype``.
+    """
+    from pretrain.masking import BlockMaskGenerator
+
+    size, b = args.simmim_size, args.simmim_batch_size
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(b, 3, size, size, generator=g).to(device)
+    mask = BlockMaskGenerator(size, args.mask_patch_size, 0.6)(b, generator=g).to(device)
+    batch = {"image": x, "mask": mask}
+    runners: dict[str, Callable[[int], Tensor]] = {}
+    for name in args.visible_encoders:
+        for mode in ("full", "visible-only"):
+            torch.manual_seed(0)
+            model = PretrainModel(
+                create_encoder(name),
+                "mim",
+                in_chans=3,
+                mask_patch_size=args.mask_patch_size,
+                visible_only=mode == "visible-only",
+            ).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+            for dtype in args.dtypes:
+                runners[f"{name}|{mode}|{dtype}"] = bare_runner(model, batch, opt, device, dtype)
+    print(
+        f"\n== MIM train step, every token vs visible tokens only in the attention stages: batch {b}, "
+        f"{size}x{size}, mask patch {args.mask_patch_size}, ratio 0.6, AdamW, device {device}, "
+        f"threads {torch.get_num_threads()}; {args.simmim_warmup} warmup + {args.simmim_reps} reps, interleaved =="
+    )
+    times = _interleave(runners, 1, args.simmim_warmup, args.simmim_reps)
+    print(f"{'encoder':<16} {'dtype':<5} {'full ms':>9} {'visible-only ms':>16} {'speed-up':>9}")
+    results: dict[str, float] = {}
+    for name in args.visible_encoders:
+        for dtype in args.dtypes:
+            full, visible = times[f"{name}|full|{dtype}"][0], times[f"{name}|visible-only|{dtype}"][0]
+            results[f"{name}|full|{dtype}"] = b / full
+            results[f"{name}|visible-only|{dtype}"] = b / visible
+            results[f"{name}|{dtype}"] = full / visible
+            print(f"{name:<16} {dtype:<5} {1e3 * full:>9.1f} {1e3 * visible:>16.1f} {full / visible:>8.3f}x")
+    return results
+
+
+def machine_line(device: torch.device) -> str:
+    """The CPU model, its bf16 / AMX flags and what ``train.mixed_precision=auto`` picks here."""
+    from hybridvision.engine.precision import resolve_mixed_precision
+
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    present = " ".join(f if f in flags else f"no {f}" for f in wanted)
+    mode, why = resolve_mixed_precision() if device.type == "cpu" else ("(GPU)", "")
+    return (
+        f"machine: {model}; flags: {present}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"train.mixed_precision=auto picks {mode} ({why})"
+    )
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -516,6 +606,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     simmim.add_argument("--simmim-reps", type=int, default=3)
     simmim.add_argument("--simmim-warmup", type=int, default=1)
     simmim.add_argument("--skip-simmim", action="store_true")
+    simmim.add_argument(
+        "--visible-encoders",
+        nargs="*",
+        default=["hybrid_nano", "sequential_tiny"],
+        help="section 4: encoders timed full vs visible-only beside section 3 (none: skip)",
+    )
     return parser.parse_args(argv)
 
 
@@ -534,7 +630,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if not args.skip_mim:
                 results["mim"] = bench_mim(args, device)
             if not args.skip_simmim and "swin_tiny" in args.mim_encoders:
+                print(machine_line(device))
                 results["simmim"] = bench_simmim(args, device)
+                if args.visible_encoders:
+                    results["visible_only"] = bench_visible_only(args, device)
     finally:
         torch.set_num_threads(threads)
     print("\n(shared machine: figures are noisy; compare within one run)")
