@@ -10,6 +10,7 @@ tuned here.
 
     python benchmarks/label_efficiency.py                      # both datasets, 3 seeds (see the plan)
     python benchmarks/label_efficiency.py --datasets camvid --jobs 2 --seeds 0 1 2
+    python benchmarks/label_efficiency.py --datasets camvid --pretrainings pretrained pretrained_visible_only
     python benchmarks/label_efficiency.py --summarize           # table + plot from finished runs
 
 Runs are resumable: a run whose ``metrics.json`` exists is not run again, so an interrupted plan
@@ -120,27 +121,43 @@ class Run:
         return (self.out / "metrics.json").is_file() or (self.out / "encoder").is_dir()
 
 
-def plan_runs(name: str, plan: Plan, seeds: list[int], work: Path, pretrain_steps: int | None) -> list[Run]:
+#: pretraining variants (method name -> overrides of the dataset's pretraining config); each is one
+#: more pretraining run and one more curve. ``pretrained``: the config as it is (contrastive + MIM).
+PRETRAININGS = {
+    "pretrained": (),
+    "pretrained_visible_only": ("objective.visible_only=true",),  # MIM encodes visible tokens only
+}
+
+
+def plan_runs(
+    name: str, plan: Plan, seeds: list[int], work: Path, pretrain_steps: int | None, pretrainings: list[str]
+) -> list[Run]:
     """Every run of one dataset's curve, in an order that respects their dependencies."""
     py = [sys.executable]
     pool = unlabelled_pool(plan, work / "pool")
-    pre_out = work / "pretrain"
-    pre = [f"data.source={pool}", f"train.output_dir={pre_out}", *plan.pretrain_overrides]
-    if pretrain_steps:
-        pre += [f"train.max_steps={pretrain_steps}", f"train.ckpt_every={pretrain_steps}"]
-    runs = [Run(f"{name}/pretrain", [*py, "pretrain/run.py", "--config", plan.pretrain, *pre], pre_out)]
-    inits = {"scratch": [], "pretrained": ["model.name=", f"model.init={pre_out / 'encoder'}"]}
+    runs: list[Run] = []
+    inits: dict[str, list[str]] = {"scratch": []}
+    for method in pretrainings:
+        pre_out = work / method.replace("pretrained", "pretrain")
+        pre = [f"data.source={pool}", f"train.output_dir={pre_out}", *plan.pretrain_overrides]
+        pre += list(PRETRAININGS[method])
+        if pretrain_steps:
+            pre += [f"train.max_steps={pretrain_steps}", f"train.ckpt_every={pretrain_steps}"]
+        runs.append(
+            Run(f"{name}/{pre_out.name}", [*py, "pretrain/run.py", "--config", plan.pretrain, *pre], pre_out)
+        )
+        inits[method] = ["model.name=", f"model.init={pre_out / 'encoder'}"]
     for seed in seeds:
         for fraction in plan.fractions:
             for init, extra in inits.items():
                 out = work / f"{init}_f{fraction}_s{seed}"
                 argv = [*py, "finetune/run.py", "--config", plan.finetune, *plan.overrides, *extra]
                 argv += [f"data.label_fraction={fraction}", f"train.seed={seed}", f"train.output_dir={out}"]
-                after = (f"{name}/pretrain",) if init == "pretrained" else ()
+                after = (f"{name}/{init.replace('pretrained', 'pretrain')}",) if init != "scratch" else ()
                 runs.append(Run(f"{name}/{out.name}", argv, out, after))
     for seed in seeds:
         for fraction in plan.self_training:
-            for init in inits:
+            for init in ("scratch", "pretrained"):
                 teacher = work / f"{init}_f{fraction}_s{seed}"
                 out = work / f"{init}+self_training_f{fraction}_s{seed}"
                 argv = [
@@ -239,7 +256,7 @@ def collect(work_root: Path) -> list[dict]:
         work = work_root / name
         if not work.is_dir():
             continue
-        pre_cpu = _cpu(work / "pretrain")
+        pre_cpu = {m: _cpu(work / m.replace("pretrained", "pretrain")) for m in PRETRAININGS}
         for run in sorted(work.iterdir()):
             metrics_file = run / "metrics.json"
             if not metrics_file.is_file() or "_f" not in run.name:
@@ -259,7 +276,7 @@ def collect(work_root: Path) -> list[dict]:
                     "labelled": labelled,
                     "score": round(_score(metrics, name == "isbi"), 4),
                     "cpu_s": _cpu(run),
-                    "pretrain_cpu_s": pre_cpu if "pretrained" in method else 0.0,
+                    "pretrain_cpu_s": pre_cpu.get(method.split("+")[0]) or 0.0,
                 }
             )
     return rows
@@ -299,6 +316,7 @@ def summary_table(rows: list[dict]) -> str:
 COLOURS = {
     "scratch": (80, 80, 80),
     "pretrained": (31, 119, 180),
+    "pretrained_visible_only": (148, 103, 189),
     "scratch+self_training": (255, 127, 14),
     "pretrained+self_training": (44, 160, 44),
 }
@@ -364,6 +382,13 @@ def main() -> None:
     parser.add_argument(
         "--pretrain-steps", type=int, default=300, help="pretraining steps (the config's batch)"
     )
+    parser.add_argument(
+        "--pretrainings",
+        nargs="+",
+        default=["pretrained"],
+        choices=list(PRETRAININGS),
+        help="pretraining curves",
+    )
     parser.add_argument("--work", default="runs/label_efficiency", help="run folders (resumable)")
     parser.add_argument("--summarize", action="store_true", help="only write the table and plot")
     args = parser.parse_args()
@@ -375,7 +400,7 @@ def main() -> None:
             if not (ROOT / plan.data).is_dir():
                 print(f"{name}: skipped, {plan.data} not found")
                 continue
-            runs = plan_runs(name, plan, args.seeds, work_root / name, args.pretrain_steps)
+            runs = plan_runs(name, plan, args.seeds, work_root / name, args.pretrain_steps, args.pretrainings)
             execute(runs, args.jobs, work_root / "logs")
     rows = collect(work_root)
     RESULTS.mkdir(parents=True, exist_ok=True)
