@@ -26,6 +26,7 @@ slices, fine-tuning on 3, 6 and all 25 labelled slices (slices 25-29 evaluate).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -389,7 +390,15 @@ def main() -> None:
         choices=list(PRETRAININGS),
         help="pretraining curves",
     )
+    parser.add_argument("--fractions", nargs="+", type=float, help="label fractions instead of the plan's")
+    parser.add_argument(
+        "--finetune-steps", type=int, help="fine-tuning / student steps instead of the configs'"
+    )
+    parser.add_argument("--no-self-training", action="store_true", help="only the fine-tuning curves")
     parser.add_argument("--work", default="runs/label_efficiency", help="run folders (resumable)")
+    parser.add_argument(
+        "--results-name", default="label_efficiency", help="benchmarks/results/<name>.{json,md,png}"
+    )
     parser.add_argument("--summarize", action="store_true", help="only write the table and plot")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -400,6 +409,17 @@ def main() -> None:
             if not (ROOT / plan.data).is_dir():
                 print(f"{name}: skipped, {plan.data} not found")
                 continue
+            changes: dict = {}
+            if args.fractions:
+                changes["fractions"] = tuple(args.fractions)
+                changes["self_training"] = tuple(f for f in plan.self_training if f in args.fractions)
+            if args.no_self_training:
+                changes["self_training"] = ()
+            if args.finetune_steps:
+                steps = (f"train.max_steps={args.finetune_steps}", f"train.ckpt_every={args.finetune_steps}")
+                changes["overrides"] = (*plan.overrides, *steps)
+                changes["distill"] = (*plan.distill, *steps)
+            plan = dataclasses.replace(plan, **changes)
             runs = plan_runs(name, plan, args.seeds, work_root / name, args.pretrain_steps, args.pretrainings)
             execute(runs, args.jobs, work_root / "logs")
     rows = collect(work_root)
@@ -412,13 +432,13 @@ def main() -> None:
         if Path("/proc/cpuinfo").is_file()
         else []
     )
-    (RESULTS / "label_efficiency.json").write_text(
+    (RESULTS / f"{args.results_name}.json").write_text(
         json.dumps({"cpu": cpu, "cpu_flags": flags, "rows": rows}, indent=1)
     )
     table = summary_table(rows)
-    (RESULTS / "label_efficiency.md").write_text(table + f"\n\nCPU flags: {', '.join(flags)}\n")
+    (RESULTS / f"{args.results_name}.md").write_text(table + f"\n\nCPU flags: {', '.join(flags)}\n")
     if rows:
-        plot(rows, RESULTS / "label_efficiency.png")
+        plot(rows, RESULTS / f"{args.results_name}.png")
     print(table)
 
 
