@@ -6,10 +6,13 @@ layers coupled to each channel (the BatchNorm after a convolution, the next laye
 additions, concatenated skips) and removes the channel from all of them. The distillation loop then
 recovers the pruned model from the unpruned teacher.
 
-What is kept whole: the input channels, the classifier's output channels (the model's interface),
-and every ``nn.Linear`` together with the channels coupled to one. Our attention layers compute their
-head width from the token width (``hybridvision.models.layers.Attention``), so removing heads or
-channels inside a Transformer block would break them; the convolutions around them are pruned.
+Inside Transformer blocks, global attention layers (``hybridvision.models.layers.Attention``) lose
+the same fraction of their heads (whole heads, ranked by the same importance over their q, k and v
+rows and the output projection's columns: Torch-Pruning's ``prune_num_heads``; the head width
+stays) and MLPs (``layers.common.Mlp``) the same fraction of their hidden width. What is kept
+whole: the input channels, the classifier's output channels (the model's interface), the token
+width of Transformer blocks and every other ``nn.Linear`` (window and spatial-reduction attention,
+MixFFN) together with the channels coupled to one; the convolutions around them are pruned.
 
 The pruned shapes are recorded on the model (``hybridvision.models.prune``), so ``save_pretrained``
 / ``from_pretrained`` and the engine's checkpoints rebuild the pruned architecture.
@@ -27,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridvision.config import ConfigError
+from hybridvision.models.layers.attention import Attention
+from hybridvision.models.layers.common import Mlp
 from hybridvision.models.profile import count_gmacs, count_params
 from hybridvision.models.prune import module_shapes, record_pruning
 
@@ -43,11 +48,14 @@ class PruneReport:
     gmacs: tuple[float, float]  # GMACs of one (1, C, H, W) forward at the crop, before, after
     channels: tuple[int, int]  # output channels of every convolution but the classifier, before, after
     pruned_channels: tuple[int, int]  # output channels of the convolutions that were pruned, before, after
+    heads: tuple[int, int] = (0, 0)  # heads of the global attention layers, before, after
 
     def summary(self) -> str:
         """One log line: channels, parameters and GMACs before -> after."""
         (p0, p1), (g0, g1), (c0, c1), (q0, q1) = self.params, self.gmacs, self.channels, self.pruned_channels
         kept = f"; {c0 - q0} channels tied to Linear layers kept whole" if c0 > q0 else ""
+        if self.heads[0]:
+            kept += f"; attention heads {self.heads[0]} -> {self.heads[1]}"
         return (
             f"pruned {100 * (1 - q1 / max(q0, 1)):.1f}% of the prunable convolution channels ({q0} -> {q1}"
             f"{kept}), {100 * (1 - c1 / max(c0, 1)):.1f}% of all ({c0} -> {c1}); student.prune={self.ratio}, "
@@ -130,7 +138,11 @@ def prune_model(
     model.eval()  # tracing and Taylor gradients must not move BatchNorm statistics
     size, in_chans = tuple(example.shape[-2:]), example.shape[1]
     classifier = classifier_layer(model, example)
-    ignored = [classifier] + [m for m in model.modules() if isinstance(m, nn.Linear)]
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    # pruned: whole heads of global attention, the hidden width of MLPs; every other Linear kept whole
+    inside = {id(m.qkv) for m in attention} | {id(m.fc1) for m in model.modules() if isinstance(m, Mlp)}
+    ignored = [classifier] + [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside]
+    heads0 = sum(m.num_heads for m in attention)
     before = module_shapes(model)
     params0, gmacs0 = count_params(model), count_gmacs(model, in_chans, size)
     channels0 = conv_channels(model, [classifier])
@@ -148,7 +160,19 @@ def prune_model(
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
         try:
             pruner = tp.pruner.MetaPruner(
-                model, example, importance=scorer, pruning_ratio=ratio, ignored_layers=ignored
+                model,
+                example,
+                importance=scorer,
+                pruning_ratio=ratio,
+                ignored_layers=ignored,
+                num_heads={m.qkv: m.num_heads for m in attention},
+                prune_num_heads=True,
+                prune_head_dims=False,
+                head_pruning_ratio=ratio,
+                # at least one head stays in every layer
+                head_pruning_ratio_dict={
+                    m.qkv: min(ratio, (m.num_heads - 1) / m.num_heads) for m in attention
+                },
             )
         except Exception as exc:
             raise ValueError(f"Torch-Pruning cannot trace {name} ({type(exc).__name__}: {exc})") from exc
@@ -170,12 +194,15 @@ def prune_model(
     except Exception as exc:
         raise ValueError(f"Torch-Pruning cannot prune {name} ({type(exc).__name__}: {exc})") from exc
     model.zero_grad(set_to_none=True)
+    for m in attention:
+        m.num_heads = pruner.num_heads[m.qkv]  # the head width is unchanged: qkv lost whole heads
     channels1 = conv_channels(model, [classifier])
     pruned = [m for m in model.modules() if id(m) in widths0 and m.out_channels != widths0[id(m)]]
-    if ratio > 0 and channels1 == channels0:
+    if ratio > 0 and count_params(model) == params0:
         raise ValueError(
-            f"student.prune: no channel of {name} can be removed: all its convolution channels feed "
-            "Linear layers (attention, MLPs), which are kept whole"
+            f"student.prune: nothing of {name} can be removed: its convolution channels feed Linear layers "
+            "kept whole (window / spatial-reduction attention, the token width) and it has no global "
+            "attention heads or MLPs to prune"
         )
     with torch.no_grad():
         if model(example).shape != out_shape:  # pragma: no cover - the ignored layers guarantee it
@@ -191,6 +218,7 @@ def prune_model(
         gmacs=(gmacs0, count_gmacs(model, in_chans, size)),
         channels=(channels0, channels1),
         pruned_channels=(sum(widths0[id(m)] for m in pruned), sum(m.out_channels for m in pruned)),
+        heads=(heads0, sum(m.num_heads for m in attention)),
     )
     model.train(was_training)
     return report

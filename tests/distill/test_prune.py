@@ -165,10 +165,49 @@ def test_save_from_pretrained_round_trip_is_exact(name: str, tmp_path: Path):
         from_pretrained(tmp_path / "m")
 
 
-def test_a_model_no_channel_of_which_can_be_pruned_is_a_clear_error():
-    model = create_segmenter("swin_unet_nano", 2, 3)  # every convolution feeds Linear layers
-    with pytest.raises(ValueError, match="no channel of swin_unet_nano can be removed"):
+def test_a_model_nothing_of_which_can_be_pruned_is_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(3, 2, 1))  # the classifier alone: the interface is kept
+    with pytest.raises(ValueError, match="nothing of Sequential can be removed"):
         prune_model(model, 0.5, EXAMPLE)
+
+
+def _attention_importance(attn) -> torch.Tensor:
+    """Naive group L2 norm of each head: its q, k, v rows of qkv (weights and bias) and proj columns."""
+    heads, inner = attn.num_heads, attn.qkv.out_features // 3
+    d = inner // heads
+    w = attn.qkv.weight.detach().reshape(3, heads, d, -1)
+    b = attn.qkv.bias.detach().reshape(3, heads, d)
+    p = attn.proj.weight.detach().reshape(-1, heads, d)
+    return (w.pow(2).sum((0, 2, 3)) + b.pow(2).sum((0, 2)) + p.pow(2).sum((0, 2))).sqrt()
+
+
+def test_attention_loses_whole_heads_and_mlps_their_hidden_width():
+    from hybridvision.models.layers.attention import Attention
+    from hybridvision.models.layers.common import Mlp
+
+    model = _segmenter("sequential_unet_tiny").eval()
+    attn = [m for m in model.modules() if isinstance(m, Attention)]
+    heads0 = [m.num_heads for m in attn]
+    width = attn[0].qkv.out_features // 3 // heads0[0]
+    qkv0 = attn[0].qkv.weight.detach().clone().reshape(3, heads0[0], width, -1)
+    norms = _attention_importance(attn[0])
+    hidden0 = [m.fc1.out_features for m in model.modules() if isinstance(m, Mlp)]
+    x = torch.randn(2, 3, 64, 64)
+    report = prune_model(model, 0.5, EXAMPLE)
+    assert [m.num_heads for m in attn] == [h // 2 for h in heads0] and report.heads == (
+        sum(heads0),
+        sum(heads0) // 2,
+    )
+    for m in attn:  # the head width stays; qkv and proj lose whole heads
+        assert m.qkv.out_features == 3 * m.num_heads * width and m.proj.in_features == m.num_heads * width
+    # the kept heads are the ones of largest group norm (the heads' own weights; the same ranking
+    # holds for the group when proj is included, checked above through _attention_importance)
+    kept = sorted(norms.topk(heads0[0] // 2).indices.tolist())
+    torch.testing.assert_close(attn[0].qkv.weight.reshape(3, -1, width, qkv0.shape[-1]), qkv0[:, kept])
+    assert [m.fc1.out_features for m in model.modules() if isinstance(m, Mlp)] == [h // 2 for h in hidden0]
+    assert "attention heads 32 -> 16" in report.summary()
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
 
 
 def test_missing_torch_pruning_names_the_extra(monkeypatch):

@@ -13,7 +13,8 @@ class Attention(nn.Module):
 
     Args:
         dim: token dim C.
-        num_heads: heads; ``dim`` must be divisible by it.
+        num_heads: heads; ``dim`` must be divisible by it. Head pruning (``distill/prune.py``) removes
+            whole heads: ``num_heads`` and the qkv / proj widths shrink, the head width and ``dim`` stay.
         qkv_bias: bias on the qkv projection.
         attn_drop: dropout on attention weights (training only).
         proj_drop: dropout after the output projection.
@@ -38,11 +39,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """Args: x (B, N, C); attn_mask broadcastable to (B, heads, N, N). Returns (B, N, C)."""
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, C/heads)
+        b, n, _ = x.shape
+        inner = self.qkv.out_features // 3  # heads x head width: C, fewer after head pruning
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, inner // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head width)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
         )
-        x = x.transpose(1, 2).reshape(b, n, c)
+        x = x.transpose(1, 2).reshape(b, n, inner)
         return self.proj_drop(self.proj(x))
