@@ -26,8 +26,13 @@ def build_loader(
     persistent_workers: bool = False,
     pin_memory: bool = False,
     drop_last: bool = True,
+    world_size: int = 1,
 ) -> DataLoader:
     """A training DataLoader: seeded shuffling, per-sample seeded augmentations, signal-safe workers.
+
+    A map-style dataset with fewer samples than one batch on every process (a few labelled images)
+    is repeated until it fills one (:class:`RepeatedDataset`): each repeat draws its own
+    augmentations, and no epoch ends without a batch.
 
     Args:
         dataset: wrapped in :class:`SeededDataset` (or :class:`SeededIterableDataset`) unless it
@@ -40,7 +45,11 @@ def build_loader(
         persistent_workers: keep workers alive between epochs.
         pin_memory: pin host memory for faster device transfers.
         drop_last: drop the last incomplete batch.
+        world_size: processes the loader is sharded over (``prepare_loader``).
     """
+    needed = batch_size * world_size
+    if drop_last and not isinstance(dataset, (IterableDataset, EpochSeeded)) and 0 < len(dataset) < needed:  # type: ignore[arg-type]
+        dataset = RepeatedDataset(dataset, -(-needed // len(dataset)))  # type: ignore[arg-type]
     if not isinstance(dataset, EpochSeeded):
         wrapper = SeededIterableDataset if isinstance(dataset, IterableDataset) else SeededDataset
         dataset = wrapper(dataset, seed, rank)
@@ -56,6 +65,20 @@ def build_loader(
         generator=generator,
         worker_init_fn=WorkerInit() if num_workers > 0 else None,
     )
+
+
+class RepeatedDataset(Dataset):
+    """``dataset`` ``times`` times over: index ``i`` is sample ``i % len(dataset)``."""
+
+    def __init__(self, dataset: Dataset, times: int) -> None:
+        self.dataset, self.times = dataset, times
+        self.size = len(dataset)  # type: ignore[arg-type]  # map-style: has __len__
+
+    def __len__(self) -> int:
+        return self.size * self.times
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index % self.size]
 
 
 def prepare_loader(accelerator: Accelerator, loader: DataLoader) -> DataLoader:

@@ -143,7 +143,8 @@ class Engine:
         The dataset is wrapped in :class:`SeededDataset` (or :class:`SeededIterableDataset`) so each
         sample's random augmentations depend only on ``(train.seed, epoch, index)``: exact mid-epoch
         resume with any ``num_workers``, and different augmentations on every rank. ``fit``/``prepare``
-        shard the loader across processes.
+        shard the loader across processes. Fewer samples than one batch per process are repeated
+        until they fill one.
         """
         rank = self.accelerator.process_index
         return loaders.build_loader(
@@ -156,6 +157,7 @@ class Engine:
             persistent_workers,
             pin_memory,
             drop_last,
+            world_size=self.accelerator.num_processes,
         )
 
     def prepare_loader(self, loader: DataLoader) -> DataLoader:

@@ -513,3 +513,35 @@ def test_engine_resolves_auto_precision_and_records_it(
     if not torch.cuda.is_available():  # one line saying what was measured and where it is kept
         assert "0.50x the fp32 speed" in out and str(tmp_path / "cache") in out
     eng.close()
+
+
+def test_fewer_samples_than_a_batch_are_repeated_to_fill_one(tmp_path: Path):
+    """3 labelled images and batch 8: every batch is full, each repeat has its own augmentation."""
+    from torch.utils.data import Dataset
+
+    from hybridvision.engine import loaders
+
+    class Three(Dataset):
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int) -> dict:
+            return {"id": torch.tensor(i), "noise": torch.rand(1)}  # the seeded per-sample RNG
+
+    loader = loaders.build_loader(Three(), seed=0, rank=0, batch_size=8, shuffle=True, world_size=2)
+    assert len(loader.dataset) == 18 and len(loader) == 2  # 16 per 2 processes x 8: two full batches here
+    batches = list(loader)
+    ids = torch.cat([b["id"] for b in batches])
+    assert [len(b["id"]) for b in batches] == [8, 8]
+    counts = torch.bincount(ids, minlength=3)
+    assert counts.sum() == 16 and counts.min() >= 4  # 16 of the 18 slots (6 per sample) drawn
+    noise = torch.cat([b["noise"] for b in batches]).flatten()
+    assert len(set(noise[ids == 0].tolist())) == counts[0]  # every repeat has its own augmentation
+    # enough samples: left as they are; the engine's fit trains on 3 samples with batch 8
+    assert len(loaders.build_loader(Three(), 0, 0, batch_size=2, shuffle=False).dataset) == 3
+    eng = _engine(tmp_path, max_steps=2, batch_size=8)
+    model = torch.nn.Linear(1, 1)
+    data = [{"x": torch.randn(1), "y": torch.randn(1)} for _ in range(3)]
+    result = eng.fit(model, data, _mse_step)
+    assert result["step"] == 2
+    eng.close()
