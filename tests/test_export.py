@@ -298,7 +298,7 @@ def test_distill_export_cli_writes_fp32_and_int8(tmp_path, capsys, monkeypatch):
     np.testing.assert_allclose(seen[3], first[:, 4:36, 11:43], atol=1e-5)  # bottom-right window
     meta = read_metadata(out.with_name("model.int8.onnx"))
     assert meta["precision"] == "int8" and meta["quantization"]["calibration"]["images"] == 2
-    assert meta["quantization"]["calibration"]["window"] == [32, 32] and meta["resize"] == [36]
+    assert meta["quantization"]["calibration"]["window"] == [32, 32] and meta["resize"] == [36, 0]  # [short, max_long]
     assert read_metadata(out)["train_crop"] == [32, 32]
     assert export_cli.main(["--model", str(tmp_path / "nope"), "--output", str(out)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
