@@ -108,6 +108,11 @@ def unlabelled_pool(plan: Plan, out: Path) -> Path:
     return out
 
 
+def _finished(metrics_file: Path) -> bool:
+    """A run's metrics.json exists and is not an interrupted run's (``partial``)."""
+    return metrics_file.is_file() and not json.loads(metrics_file.read_text()).get("partial")
+
+
 @dataclass
 class Run:
     """One stage-script invocation and where its metrics land."""
@@ -119,7 +124,7 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return (self.out / "metrics.json").is_file() or (self.out / "encoder").is_dir()
+        return _finished(self.out / "metrics.json") or (self.out / "encoder").is_dir()
 
 
 #: pretraining variants (method name -> overrides of the dataset's pretraining config); each is one
@@ -260,7 +265,7 @@ def collect(work_root: Path) -> list[dict]:
         pre_cpu = {m: _cpu(work / m.replace("pretrained", "pretrain")) for m in PRETRAININGS}
         for run in sorted(work.iterdir()):
             metrics_file = run / "metrics.json"
-            if not metrics_file.is_file() or "_f" not in run.name:
+            if "_f" not in run.name or not _finished(metrics_file):
                 continue
             metrics = json.loads(metrics_file.read_text())
             method, rest = run.name.rsplit("_f", 1)
