@@ -1,7 +1,10 @@
-"""Predict segmentation masks for images with a fine-tuned model (PyTorch) or an exported one (ONNX).
+"""Predict segmentation masks for images with a fine-tuned model (PyTorch) or an exported one.
 
     python finetune/predict.py --model runs/finetune/model --input image_or_folder --output out/
     python finetune/predict.py --model runs/distill/model.onnx --input images/ --output out/
+    python finetune/predict.py --model runs/distill/model.pte --input images/ --output out/
+
+Exported models: ``.onnx`` (onnxruntime), OpenVINO ``.xml``, ExecuTorch ``.pte``.
 
 The command of :mod:`hybridvision.deploy.cli` (``python -m hybridvision.deploy``: options, outputs,
 exit status), with PyTorch model directories and hub ids added here.

@@ -1,7 +1,8 @@
 """The one command line for prediction: ``python -m hybridvision.deploy`` and ``finetune/predict.py``.
 
 ``python -m hybridvision.deploy`` runs exported models without PyTorch (``.onnx`` on onnxruntime,
-OpenVINO ``.xml`` on OpenVINO: the file decides); ``finetune/predict.py`` is the same command with a
+OpenVINO ``.xml`` on OpenVINO: the file decides; an ExecuTorch ``.pte`` on ExecuTorch, whose Python
+runtime takes PyTorch tensors); ``finetune/predict.py`` is the same command with a
 :class:`Backend` that adds PyTorch model directories. Options, input checks, the loop over files, the summary and the exit status live here
 once; what the command writes is :data:`HELP`.
 """
@@ -26,10 +27,11 @@ from .runtime import OnnxPredictor, check_predict_options, is_exported_model
 __all__ = ["HELP", "ONNX_USAGE", "Backend", "build_parser", "main", "progress", "report_result", "run"]
 
 #: ``--help`` of ``python -m hybridvision.deploy`` (exported models only)
-ONNX_USAGE = """Predict segmentation masks for images with an exported model (ONNX or OpenVINO), without PyTorch.
+ONNX_USAGE = """Predict segmentation masks for images with an exported model (ONNX, OpenVINO or ExecuTorch).
 
     python -m hybridvision.deploy --model model.onnx --input image_or_folder --output out/
     python -m hybridvision.deploy --model model.xml --input image_or_folder --output out/
+    python -m hybridvision.deploy --model model.pte --input image_or_folder --output out/
 """
 
 #: what the command writes and its exit status, the end of every ``--help``
@@ -43,7 +45,9 @@ by the sliding window (default window: the training crop size recorded in the mo
 training scale recorded in the model (``data.resize``; the prediction is resized back to the
 image's size), or at ``--resize``. A ``.onnx`` model runs on onnxruntime and an OpenVINO ``.xml``
 (``.bin`` beside it) on OpenVINO, both without PyTorch (``hybridvision.deploy.runtime``; OpenVINO:
-``pip install -e ".[openvino]"``), normalised as recorded in the model's metadata.
+``pip install -e ".[openvino]"``); an ExecuTorch ``.pte`` (``.pte.json`` beside it) on ExecuTorch's
+XNNPACK backend (``pip install -e ".[executorch]"``; its Python runtime needs torch installed),
+normalised as recorded in the model's metadata.
 
 Exit status: 0 when every image was written; 1 when some images could not be read (each is
 reported, the others are still written, the list is printed at the end); 2 for a user error (one
@@ -52,7 +56,7 @@ line naming the file or value; ``HYBRIDVISION_DEBUG=1`` shows the traceback).
 
 
 class Backend(NamedTuple):
-    """How a model that is not an exported file (``.onnx``, ``.xml``) reads and predicts one image file.
+    """How a model that is not an exported file (``.onnx``, ``.xml``, ``.pte``) reads and predicts one image.
 
     ``finetune/predict.py`` builds one for a PyTorch model directory (or hub id).
     """
@@ -90,9 +94,10 @@ def build_parser(
     p.add_argument(
         "--model",
         required=True,
-        help="model directory written by finetune/run.py (or a hub id), or a .onnx / OpenVINO .xml file"
+        help="model directory written by finetune/run.py (or a hub id), or a .onnx / OpenVINO .xml / "
+        "ExecuTorch .pte file"
         if torch_models
-        else "model.onnx or OpenVINO model.xml written by distill/export.py",
+        else "model.onnx, OpenVINO model.xml or ExecuTorch model.pte written by distill/export.py",
     )
     p.add_argument(
         "--input", required=True, help="an image file or a folder of images (searched recursively)"
@@ -124,7 +129,7 @@ def build_parser(
         "(default fp32, which OpenVINO otherwise drops for bf16 on AMX / AVX-512 BF16 CPUs)",
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="runtime intra-op threads (.onnx and .xml models)"
+        "--threads", type=int, default=None, help="runtime intra-op threads (.onnx, .xml and .pte models)"
     )
     return p
 
@@ -135,7 +140,7 @@ def run(args: argparse.Namespace, backend: BackendFactory | None = None) -> int:
     Args:
         args: parsed :func:`build_parser` options.
         backend: for a ``--model`` that is not an exported file (None: every model is one; a
-            ``.xml`` runs on OpenVINO, anything else on onnxruntime).
+            ``.xml`` runs on OpenVINO, a ``.pte`` on ExecuTorch, anything else on onnxruntime).
 
     Raises:
         UserError: naming the option, file or model at fault.

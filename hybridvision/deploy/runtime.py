@@ -1,5 +1,7 @@
 """PyTorch-free segmentation with an exported model: numpy, Pillow and onnxruntime or OpenVINO only.
 
+(ExecuTorch ``.pte`` models run through the same predictor, with PyTorch tensors: see the end.)
+
 The edge-device counterpart of :mod:`hybridvision.inference`: it normalises images read by the
 project's one reader (:mod:`hybridvision.deploy.reader`) as recorded in the model's metadata
 (written by :func:`hybridvision.export.export_onnx`; :mod:`hybridvision.deploy.normalization`), and runs whole-image or sliding-window
@@ -10,13 +12,16 @@ optional flip TTA). :class:`OnnxPredictor` writes ``<id>_mask.png`` / ``<id>_ove
 
     python -m hybridvision.deploy --model model.onnx --input images/ --output out/
     python -m hybridvision.deploy --model model.xml --input images/ --output out/
+    python -m hybridvision.deploy --model model.pte --input images/ --output out/
 
 The predictor runs any *segmenter*: a callable ``(N, C, H, W) float32 -> logits (N, K, H, W)``
 with ``metadata``, ``in_chans`` and ``num_classes`` attributes. :func:`load_segmenter` picks one
 by the file: ``.xml`` an OpenVINO IR (:class:`~hybridvision.deploy.openvino_runtime.OpenVinoSegmenter`),
+``.pte`` an ExecuTorch program (:class:`~hybridvision.deploy.executorch_runtime.ExecuTorchSegmenter`),
 anything else ONNX on onnxruntime (:class:`OnnxSegmenter`).
 
-Nothing here imports ``torch`` (a test runs this module with ``torch`` made unimportable).
+Nothing here imports ``torch`` (a test runs this module with ``torch`` made unimportable); running a
+``.pte`` does, inside ExecuTorch's Python runtime (see :mod:`~hybridvision.deploy.executorch_runtime`).
 """
 
 from __future__ import annotations
@@ -53,7 +58,10 @@ __all__ = [
     "OnnxPredictor",
     "OnnxSegmenter",
     "OPENVINO_SUFFIX",
+    "EXECUTORCH_SUFFIX",
     "check_predict_options",
+    "forward_any_size",
+    "largest_input",
     "is_exported_model",
     "labels_from_scores",
     "load_segmenter",
@@ -80,6 +88,8 @@ __all__ = [
 METADATA_KEY = "hybridvision"
 #: suffix of an OpenVINO IR (``model.xml`` + ``model.bin``); every other exported model is ONNX
 OPENVINO_SUFFIX = ".xml"
+#: suffix of an ExecuTorch program (``model.pte`` + its metadata ``model.pte.json``)
+EXECUTORCH_SUFFIX = ".pte"
 
 
 # --------------------------------------------------------------------------- model
@@ -89,14 +99,18 @@ def read_metadata(model: str | os.PathLike | Any) -> dict[str, Any]:
     """The deployment metadata of an exported model.
 
     Args:
-        model: a path (``.onnx``, or ``.xml`` for OpenVINO), an ``onnx.ModelProto`` or an
-            onnxruntime session.
+        model: a path (``.onnx``, ``.xml`` for OpenVINO or ``.pte`` for ExecuTorch), an
+            ``onnx.ModelProto`` or an onnxruntime session.
     """
     if isinstance(model, (str, os.PathLike)):
         if Path(model).suffix.lower() == OPENVINO_SUFFIX:
             from .openvino_runtime import read_ir_metadata
 
             return read_ir_metadata(model)
+        if Path(model).suffix.lower() == EXECUTORCH_SUFFIX:
+            from .executorch_runtime import read_pte_metadata
+
+            return read_pte_metadata(model)
         model = _session(Path(model), threads=1)
     props = (
         model.get_modelmeta().custom_metadata_map
@@ -148,21 +162,21 @@ class OnnxSegmenter:
 
 
 def is_exported_model(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names an exported model file (``.onnx`` or OpenVINO ``.xml``)."""
-    return Path(path).suffix.lower() in (".onnx", OPENVINO_SUFFIX)
+    """Whether ``path`` names an exported model file (``.onnx``, OpenVINO ``.xml``, ExecuTorch ``.pte``)."""
+    return Path(path).suffix.lower() in (".onnx", OPENVINO_SUFFIX, EXECUTORCH_SUFFIX)
 
 
 def load_segmenter(path: str | os.PathLike, threads: int | None = None, bf16: bool = False) -> Any:
-    """The segmenter of an exported model file: OpenVINO for ``.xml``, onnxruntime otherwise.
+    """The segmenter of an exported model file: OpenVINO for ``.xml``, ExecuTorch for ``.pte``, else onnxruntime.
 
     Args:
-        path: ``model.onnx`` or ``model.xml``.
+        path: ``model.onnx``, ``model.xml`` or ``model.pte``.
         threads: intra-op threads (None: the runtime's default).
         bf16: OpenVINO's bf16 inference precision (``.xml`` only; fp32 otherwise).
 
     Raises:
         UserError: missing or unreadable file, missing runtime (naming the extra to install), or
-            ``bf16`` asked of an ONNX model.
+            ``bf16`` asked of an ONNX or ExecuTorch model.
     """
     if Path(path).suffix.lower() == OPENVINO_SUFFIX:
         from .openvino_runtime import OpenVinoSegmenter
@@ -170,6 +184,10 @@ def load_segmenter(path: str | os.PathLike, threads: int | None = None, bf16: bo
         return OpenVinoSegmenter(path, threads, bf16=bf16)
     if bf16:
         raise UserError(f"--bf16 runs PyTorch and OpenVINO (.xml) models; {Path(path).name} runs in fp32")
+    if Path(path).suffix.lower() == EXECUTORCH_SUFFIX:
+        from .executorch_runtime import ExecuTorchSegmenter
+
+        return ExecuTorchSegmenter(path, threads)
     return OnnxSegmenter(path, threads)
 
 
@@ -329,6 +347,25 @@ def predict_sliding_window(
     return (scores / norm)[..., :h, :w]
 
 
+def largest_input(metadata: dict[str, Any]) -> tuple[int, int] | None:
+    """The largest (H, W) a model takes: its fixed ``input_size``, an ExecuTorch program's bound, or None."""
+    size = metadata.get("input_size") or (metadata.get("executorch") or {}).get("max_input_size")
+    return (int(size[0]), int(size[1])) if size else None
+
+
+def forward_any_size(segmenter: Any, images: np.ndarray) -> np.ndarray:
+    """Scores (N, K, H, W) of ``images`` of any size: the model's logits, or windows beyond its largest input.
+
+    Images larger than :func:`largest_input` are predicted in Gaussian-blended windows of that size
+    (probabilities for K >= 2, as :func:`predict_sliding_window`). What the deployment report times
+    and measures as a model's full-image forward.
+    """
+    largest = largest_input(segmenter.metadata)
+    if largest and (images.shape[-2] > largest[0] or images.shape[-1] > largest[1]):
+        return predict_sliding_window(segmenter, images, largest, blend="gaussian")
+    return segmenter(images)
+
+
 def labels_from_scores(scores: np.ndarray) -> np.ndarray:
     """Hard labels (B, H, W) int64: argmax for K >= 2, logit > 0 for K = 1."""
     return (scores[:, 0] > 0).astype(np.int64) if scores.shape[1] == 1 else scores.argmax(axis=1)
@@ -337,11 +374,11 @@ def labels_from_scores(scores: np.ndarray) -> np.ndarray:
 class OnnxPredictor:
     """Read, normalise, predict and write, with an exported model and no PyTorch.
 
-    The runtime is the segmenter's (onnxruntime for ``.onnx``, OpenVINO for ``.xml``); scale,
-    windows, blending and TTA are the same code for every runtime.
+    The runtime is the segmenter's (onnxruntime for ``.onnx``, OpenVINO for ``.xml``, ExecuTorch
+    for ``.pte``); scale, windows, blending and TTA are the same code for every runtime.
 
     Args:
-        model: path of ``model.onnx`` or ``model.xml`` (:func:`load_segmenter`), or a segmenter
+        model: path of ``model.onnx``, ``model.xml`` or ``model.pte`` (:func:`load_segmenter`), or a segmenter
             (callable images -> logits with ``metadata``, ``in_chans``, ``num_classes``).
         mode: ``"slide"`` (default, window = the training crop in the metadata) or ``"whole"``.
         window: (h, w) sliding window; None: the training crop.
@@ -370,7 +407,7 @@ class OnnxPredictor:
     ) -> None:
         check_predict_options(mode, window, overlap, batch_size, tta_flips)
         exported = isinstance(model, (str, os.PathLike))
-        # a segmenter: OnnxSegmenter, OpenVinoSegmenter or any callable with their attributes
+        # a segmenter (OnnxSegmenter, OpenVinoSegmenter, ExecuTorchSegmenter) or any callable with their attributes
         self.segmenter: Any = load_segmenter(model, threads, bf16) if exported else cast(Any, model)
         meta = self.segmenter.metadata
         self.metadata = meta
