@@ -1,4 +1,4 @@
-"""Edge export: ONNX with dynamic batch/height/width, OpenVINO IR, int8 quantization, deployment report.
+"""Edge export: ONNX with dynamic batch/height/width, OpenVINO IR, ExecuTorch, int8 quantization, report.
 
 * :func:`export_onnx` traces a :class:`~hybridvision.models.Segmenter` with the TorchScript exporter
   (``dynamo=False``; no ``onnxscript`` needed), opset 18 by default (TransUNet's antialiased
@@ -17,13 +17,18 @@
   metadata in its ``rt_info``), checked against onnxruntime; :func:`quantize_openvino_int8`: NNCF
   post-training int8 calibrated on the same deployment inputs, classifier head in float
   (``pip install -e ".[openvino]"``).
-* :func:`deployment_report`: params, GMACs, file size, latency (PyTorch eager, onnxruntime CPU and
-  OpenVINO CPU, batch 1, median and spread), peak memory (measured in a fresh process per model)
+* :func:`export_executorch`: an ExecuTorch program (``.pte``, lowered to XNNPACK; the ONNX metadata in
+  ``.pte.json`` beside it), checked against PyTorch; :func:`quantize_executorch_int8`: PT2E int8
+  (``XNNPACKQuantizer``) calibrated on the same deployment inputs, classifier head in float
+  (``pip install -e ".[executorch]"``).
+* :func:`deployment_report`: params, GMACs, file size, latency (PyTorch eager, onnxruntime CPU,
+  OpenVINO CPU and ExecuTorch XNNPACK, batch 1, median and spread), peak memory (measured in a fresh process per model)
   and mIoU per model, with the CPU's int8 / bf16 features, to ``report.json`` / ``.md`` / ``.png``.
 """
 
 from __future__ import annotations
 
+from .executorch import executorch_path, export_executorch, quantize_executorch_int8
 from .onnx import DEFAULT_OPSET, ExportError, check_size, export_onnx, verify_onnx
 from .openvino import export_openvino, openvino_path, quantize_openvino_int8
 from .quantize import (
@@ -48,6 +53,9 @@ __all__ = [
     "export_openvino",
     "openvino_path",
     "quantize_openvino_int8",
+    "export_executorch",
+    "executorch_path",
+    "quantize_executorch_int8",
     "quantize_int8",
     "float_sources",
     "head_nodes",

@@ -32,10 +32,10 @@ def status_mib(field):
 args = json.loads(sys.argv[1])
 x = np.random.default_rng(0).standard_normal(args["shape"]).astype(np.float32)
 if args["kind"] == "exported":
-    from hybridvision.deploy.runtime import load_segmenter
+    from hybridvision.deploy.runtime import forward_any_size, load_segmenter
 
     runner = load_segmenter(args["path"], threads=args["threads"], bf16=args["bf16"])
-    forward = lambda: runner(x)
+    forward = lambda: forward_any_size(runner, x)  # windows beyond a fixed or largest input size
 else:
     import torch
 
@@ -69,7 +69,7 @@ def peak_memory(
 
     Args:
         model: a module (PyTorch eager, pickled to the child) or an exported file: ``.onnx``
-            (onnxruntime CPU) or ``.xml`` (OpenVINO CPU).
+            (onnxruntime CPU), ``.xml`` (OpenVINO CPU) or ``.pte`` (ExecuTorch, XNNPACK).
         shape: input (N, C, H, W); standard-normal values.
         threads: PyTorch / runtime intra-op threads.
         timeout: seconds before the measurement is abandoned.

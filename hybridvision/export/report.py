@@ -1,6 +1,7 @@
 """The deployment report: each model's size, speed and accuracy, side by side.
 
-Params, GMACs, file size, latency, peak memory and mIoU, for PyTorch eager, onnxruntime and OpenVINO.
+Params, GMACs, file size, latency, peak memory and mIoU, for PyTorch eager, onnxruntime, OpenVINO and
+ExecuTorch (XNNPACK).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ..deploy.runtime import (
+    forward_any_size,
     labels_from_scores,
     load_segmenter,
     scores_at_scale,
@@ -91,8 +93,9 @@ def deployment_report(
     Args:
         out_dir: where the three files go.
         entries: ``{"name": str, "model": nn.Module}`` (PyTorch eager), ``{"name": str, "onnx":
-            path}`` (onnxruntime CPU) or ``{"name": str, "openvino": path of the .xml}`` (OpenVINO
-            CPU, fp32 inference precision; ``"bf16": True`` runs it in bf16). An optional
+            path}`` (onnxruntime CPU), ``{"name": str, "openvino": path of the .xml}`` (OpenVINO
+            CPU, fp32 inference precision; ``"bf16": True`` runs it in bf16) or ``{"name": str,
+            "executorch": path of the .pte}`` (ExecuTorch, XNNPACK on the CPU). An optional
             ``"model"`` beside a file gives the params and GMACs of the graph's source model.
         eval_data: samples ``{"image": (C, H, W) normalised, "mask": (H, W)}`` (e.g. finetune's
             evaluation dataset built by ``build_labelled_datasets``).
@@ -104,7 +107,8 @@ def deployment_report(
         window: (H, W) of the sliding window (``eval_mode="slide"``); default ``train_crop``.
         runs: timed runs per latency figure (after ``warmup`` untimed ones).
         warmup: untimed runs before the timed ones.
-        threads: CPU threads for PyTorch, onnxruntime and OpenVINO.
+        threads: CPU threads for PyTorch, onnxruntime, OpenVINO and ExecuTorch (whose thread pool is
+            one per process: set to this for the rest of the process).
         class_names: for the per-class IoU in the JSON.
         max_eval_images: evaluate on the first N samples only.
         resize: evaluation scale ``[short_side, max_long_side]`` (``data.resize``): every model
@@ -204,7 +208,7 @@ def _report_row(
     """One model's row of the report: size, GMACs, latency, peak memory and accuracy."""
     name = entry["name"]
     module = entry.get("model")
-    exported = entry.get("onnx") or entry.get("openvino")
+    exported = entry.get("onnx") or entry.get("openvino") or entry.get("executorch")
     bf16 = bool(entry.get("bf16", False))
     row: dict[str, Any] = {"name": name, "runtime": _runtime_name(entry)}
     if exported:
@@ -235,7 +239,7 @@ def _exported_runner(
     bf16: bool,
     settings: _ReportSettings,
 ) -> _Runner:
-    """Load ``exported``, ``entry``'s ONNX or OpenVINO file; fill ``row``'s precision, size and params."""
+    """Load ``exported``, ``entry``'s ONNX, OpenVINO or ExecuTorch file; fill ``row``'s precision, size, params."""
     runner = load_segmenter(exported, threads=settings.threads, bf16=bf16)
     row["precision"] = "bf16" if bf16 else runner.metadata.get("precision", "fp32")
     row["file_mb"] = _file_mb(Path(exported))
@@ -248,7 +252,7 @@ def _exported_runner(
     )
 
     def forward(x: np.ndarray) -> np.ndarray:
-        return runner(x)
+        return forward_any_size(runner, x)  # windows beyond a fixed or largest input size
 
     def scores(x: np.ndarray) -> np.ndarray:
         if settings.eval_mode == "slide":
@@ -372,17 +376,23 @@ def _runtime_name(entry: dict[str, Any]) -> str:
         return "onnxruntime-cpu"
     if entry.get("openvino"):
         return "openvino-cpu"
+    if entry.get("executorch"):
+        return "executorch-xnnpack"
     return "pytorch-eager"
 
 
 def _file_mb(path: Path) -> float:
-    """Size of an exported model: the ``.onnx``, or an OpenVINO IR's ``.xml`` + ``.bin``."""
+    """Size of an exported model: the ``.onnx`` or ``.pte``, or an OpenVINO IR's ``.xml`` + ``.bin``."""
     files = [path, path.with_suffix(".bin")] if path.suffix.lower() == ".xml" else [path]
     return sum(f.stat().st_size for f in files) / 2**20
 
 
 def _graph_params(path: Path) -> int:
-    """Weights in an exported graph (ONNX initializers; OpenVINO constants of weighted layers)."""
+    """Weights in an exported graph (ONNX initializers; OpenVINO constants; ExecuTorch: counted at export)."""
+    if path.suffix.lower() == ".pte":
+        from ..deploy.executorch_runtime import read_pte_metadata
+
+        return int(read_pte_metadata(path)["executorch"]["params"])
     if path.suffix.lower() != ".xml":
         return _onnx_params(path)
     from ..deploy.openvino_runtime import read_ir
