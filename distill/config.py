@@ -127,13 +127,16 @@ class ExportConfig:
 
     onnx: bool = True  # export at all: <output_dir>/student.onnx (dynamic sizes), every target's source
     # runtimes written and measured: onnx (onnxruntime) | openvino (student.xml + .bin, from student.onnx)
-    targets: list[Literal["onnx", "openvino"]] = field(default_factory=lambda: ["onnx"])
-    int8: bool = False  # also int8 per target, calibrated on training images: ORT static QDQ | NNCF
+    # | executorch (student.pte + .pte.json, XNNPACK, with student.onnx's metadata)
+    targets: list[Literal["onnx", "openvino", "executorch"]] = field(default_factory=lambda: ["onnx"])
+    int8: bool = False  # also int8 per target, calibrated on training images: ORT static QDQ | NNCF | PT2E
     calibration_images: int = 32  # training images used to calibrate int8
     report: bool = True  # report.json / report.md / report.png: teacher vs student, PyTorch vs ONNX
     report_runs: int = 10  # timed runs per latency figure
     report_images: int = 0  # evaluation images scored per model in the report (0: the whole split)
     opset: int = 18  # ONNX opset (>= 17; TransUNet's antialiased resize needs 18)
+    # largest input side of a dynamic student.pte (larger images: windows); memory is planned for it
+    executorch_max_size: int = 1024
 
     def __post_init__(self) -> None:
         if self.opset < 17:
@@ -141,7 +144,11 @@ class ExportConfig:
         if self.int8 and not self.onnx:
             raise ConfigError("export.int8=true needs export.onnx=true (int8 quantizes the fp32 ONNX model)")
         if not self.targets or len(set(self.targets)) != len(self.targets):
-            raise ConfigError(f"export.targets must list onnx and/or openvino once each, got {self.targets}")
+            raise ConfigError(
+                f"export.targets must list onnx, openvino and/or executorch once each, got {self.targets}"
+            )
+        if self.executorch_max_size < 1:
+            raise ConfigError(f"export.executorch_max_size must be >= 1, got {self.executorch_max_size}")
         if self.calibration_images < 1 or self.report_runs < 1 or self.report_images < 0:
             raise ConfigError("export.calibration_images and export.report_runs must be >= 1")
 

@@ -15,9 +15,10 @@ def export_for_edge(cfg: DistillConfig, teacher, student, val_set, out: Path, en
     """The student for each ``export.targets`` runtime, fp32 (+ int8), and the deployment report.
 
     ``student.onnx`` is always written (every target's source); ``onnx`` adds ``student.int8.onnx``
-    with ``export.int8``, ``openvino`` adds ``student.xml`` (+ ``student.int8.xml``). Both int8
-    models are calibrated on the same deployment-path inputs; the report measures every model, and
-    OpenVINO fp32 once more in bf16 where the CPU runs bf16.
+    with ``export.int8``, ``openvino`` adds ``student.xml`` (+ ``student.int8.xml``), ``executorch``
+    adds ``student.pte`` (+ ``student.int8.pte``, each with its ``.pte.json``). Every int8 model is
+    calibrated on the same deployment-path inputs; the report measures every model, and OpenVINO
+    fp32 once more in bf16 where the CPU runs bf16.
     """
     import copy
 
@@ -25,9 +26,11 @@ def export_for_edge(cfg: DistillConfig, teacher, student, val_set, out: Path, en
     from hybridvision.export import (
         deployment_inputs,
         deployment_report,
+        export_executorch,
         export_onnx,
         export_openvino,
         int8_agreement,
+        quantize_executorch_int8,
         quantize_int8,
         quantize_openvino_int8,
     )
@@ -57,6 +60,12 @@ def export_for_edge(cfg: DistillConfig, teacher, student, val_set, out: Path, en
                 {"name": "student (OpenVINO bf16)", "openvino": ir, "bf16": True, "model": cpu_student}
             )
         engine.print(f"student converted to OpenVINO: {ir} (+ {ir.with_suffix('.bin').name})")
+    pte = None
+    if "executorch" in e.targets:
+        pte = export_executorch(cpu_student, fp32, out / "student.pte", max_size=e.executorch_max_size)
+        result["executorch"] = str(pte)
+        entries.append({"name": "student (ExecuTorch fp32)", "executorch": pte, "model": cpu_student})
+        engine.print(f"student lowered to ExecuTorch (XNNPACK): {pte} (+ {pte.name}.json)")
     if e.int8:
         # calibrated and checked as the evaluation predicts (the runtime predictor, the recorded scale)
         predictor = {
@@ -80,6 +89,13 @@ def export_for_edge(cfg: DistillConfig, teacher, student, val_set, out: Path, en
             result["openvino_int8"] = str(int8)
             entries.append({"name": "student (OpenVINO int8)", "openvino": int8, "model": cpu_student})
             quantized.append(("openvino", ir, int8))
+        if pte is not None:
+            int8 = quantize_executorch_int8(
+                cpu_student, pte, out / "student.int8.pte", inputs, calibration_info=info
+            )
+            result["executorch_int8"] = str(int8)
+            entries.append({"name": "student (ExecuTorch int8)", "executorch": int8, "model": cpu_student})
+            quantized.append(("executorch", pte, int8))
         engine.print(
             f"int8 models {', '.join(str(q[2]) for q in quantized)}, calibrated on {len(images)} training "
             f"images as evaluation predicts them ({cfg.eval.mode}, scale {d.resize_scale or 'native'}: "

@@ -1,9 +1,10 @@
-"""Export a segmenter for edge deployment: ONNX (onnxruntime) and OpenVINO IR, optionally also int8.
+"""Export a segmenter for edge deployment: ONNX (onnxruntime), OpenVINO IR and ExecuTorch, optionally also int8.
 
     python distill/export.py --model runs/distill/model --output runs/distill/model.onnx
     python distill/export.py --model runs/finetune/model --output out/model.onnx \\
         --int8 --calibration ../shared/data/camvid/images/train --calibration-count 32
     python distill/export.py --model runs/distill/model --output out/model.onnx --targets onnx openvino
+    python distill/export.py --model runs/distill/model --output out/model.onnx --targets executorch
 
 ``--model`` is any ``from_pretrained`` segmenter directory (finetune's or distill's ``model/``).
 The ONNX graph has dynamic batch, height and width, is checked with ``onnx.checker`` and against
@@ -20,7 +21,12 @@ default: the ``--calibration`` images after the first N).
 an OpenVINO IR converted from the ONNX file (which is always written) with the same metadata and
 checked against onnxruntime; with ``--int8`` also ``<output>.int8.xml`` (NNCF post-training
 quantization on the same calibration inputs, classifier in float) and its agreement with the fp32
-IR. ``finetune/predict.py --model X.xml`` runs it (``pip install -e ".[openvino]"``).
+IR. ``finetune/predict.py --model X.xml`` runs it (``pip install -e ".[openvino]"``). ``executorch``
+adds ``<output>.pte``, the model lowered to ExecuTorch's XNNPACK backend, with the ONNX metadata in
+``<output>.pte.json`` and checked against PyTorch; with ``--int8`` also ``<output>.int8.pte`` (PT2E
+quantization with XNNPACKQuantizer on the same calibration inputs, classifier in float) and its
+agreement with the fp32 program. ``finetune/predict.py --model X.pte`` runs it
+(``pip install -e ".[executorch]"``).
 
 Exit status 2 with a one-line message for user errors (``HYBRIDVISION_DEBUG=1``: traceback).
 """
@@ -43,7 +49,7 @@ from hybridvision.deploy.runtime import (  # noqa: E402
 )
 
 #: ``--targets``: the runtimes an export is written for
-TARGETS = ("onnx", "openvino")
+TARGETS = ("onnx", "openvino", "executorch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,14 +62,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=TARGETS,
         default=["onnx"],
-        help="runtimes to export for: onnx (<output>) and/or openvino (<output>.xml + .bin); the ONNX "
-        "file is always written, as every target's source",
+        help="runtimes to export for: onnx (<output>), openvino (<output>.xml + .bin) and/or executorch "
+        "(<output>.pte + .pte.json); the ONNX file is always written, as every target's source",
     )
     p.add_argument("--train-crop", type=int, nargs=2, default=None, help="H W (default: data.image_size)")
     p.add_argument(
+        "--executorch-max-size",
+        type=int,
+        default=1024,
+        help="largest input height/width of a dynamic .pte (larger images: sliding windows); ExecuTorch "
+        "plans memory for it",
+    )
+    p.add_argument(
         "--int8",
         action="store_true",
-        help="also int8 per target: <output>.int8.onnx (onnx), <output>.int8.xml (openvino)",
+        help="also int8 per target: <output>.int8.onnx (onnx), <output>.int8.xml (openvino), "
+        "<output>.int8.pte (executorch)",
     )
     p.add_argument("--calibration", default=None, help="image file or folder for int8 calibration")
     p.add_argument("--calibration-count", type=int, default=32, help="calibration images used (N)")
@@ -99,15 +113,19 @@ def export_from_dir(
     window: tuple[int, int] | None = None,
     eval_images: str | None = None,
     targets: tuple[str, ...] = ("onnx",),
+    executorch_max_size: int = 1024,
 ) -> dict:
     """Export (and quantize); returns a summary dict. Raises :class:`UserError` for user errors."""
     from hybridvision.export import (
         ExportError,
         deployment_inputs,
+        executorch_path,
+        export_executorch,
         export_onnx,
         export_openvino,
         int8_agreement,
         openvino_path,
+        quantize_executorch_int8,
         quantize_int8,
         quantize_openvino_int8,
     )
@@ -125,6 +143,10 @@ def export_from_dir(
         from hybridvision.deploy.openvino_runtime import import_openvino
 
         import_openvino()  # a missing extra is a one-line error before anything is written
+    if "executorch" in targets:
+        from hybridvision.deploy.executorch_runtime import import_executorch
+
+        import_executorch()
     if calibration_count < 1:
         raise UserError(f"--calibration-count must be >= 1, got {calibration_count}")
     check_predict_options(mode, window, overlap=0.25, batch_size=1, tta_flips=())
@@ -154,6 +176,13 @@ def export_from_dir(
         except ExportError as exc:
             raise UserError(str(exc)) from exc
         summary.update(openvino=str(ir), openvino_mb=_ir_mb(ir))
+    pte = None
+    if "executorch" in targets:
+        try:
+            pte = export_executorch(model, onnx_path, executorch_path(output), max_size=executorch_max_size)
+        except (ExportError, ValueError) as exc:  # ValueError: a max size below the crop
+            raise UserError(str(exc)) from exc
+        summary.update(executorch=str(pte), executorch_mb=pte.stat().st_size / 2**20)
     if int8:
         files, _ = resolve_inputs(Path(calibration))
         in_chans = int(model.build_kwargs["in_chans"])
@@ -192,6 +221,18 @@ def export_from_dir(
                 openvino_int8_mb=_ir_mb(q_ir),
                 openvino_int8_agreement=int8_agreement(ir, q_ir, held_out or images, **predictor),
             )
+        if pte is not None:
+            try:
+                q_pte = quantize_executorch_int8(
+                    model, pte, executorch_path(int8_path(output)), inputs, calibration_info=info
+                )
+            except ExportError as exc:
+                raise UserError(str(exc)) from exc
+            summary.update(
+                executorch_int8=str(q_pte),
+                executorch_int8_mb=q_pte.stat().st_size / 2**20,
+                executorch_int8_agreement=int8_agreement(pte, q_pte, held_out or images, **predictor),
+            )
     return summary
 
 
@@ -226,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             window=tuple(args.window) if args.window else None,
             eval_images=args.eval_images,
             targets=tuple(args.targets),
+            executorch_max_size=args.executorch_max_size,
         )
     except UserError as exc:
         if os.environ.get("HYBRIDVISION_DEBUG") == "1":
@@ -237,13 +279,17 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"wrote {summary['openvino']} + .bin ({summary['openvino_mb']:.2f} MB, checked against onnxruntime)"
         )
+    if "executorch" in summary:
+        print(
+            f"wrote {summary['executorch']} + .pte.json ({summary['executorch_mb']:.2f} MB, checked against PyTorch)"
+        )
     if "deployment_path" in summary:
         path = summary["deployment_path"]
         how = f"{path['mode']}" + (
             f" {path['window'][0]}x{path['window'][1]} windows" if "window" in path else ""
         )
         how += f" at scale {path['resize']}" if path["resize"] else " at native scale"
-    for key, runtime in (("int8", ""), ("openvino_int8", "OpenVINO ")):
+    for key, runtime in (("int8", ""), ("openvino_int8", "OpenVINO "), ("executorch_int8", "ExecuTorch ")):
         if key not in summary:
             continue
         agree = summary[f"{key}_agreement"]
