@@ -131,7 +131,8 @@ class Run:
 #: more pretraining run and one more curve. ``pretrained``: the config as it is (contrastive + MIM).
 PRETRAININGS = {
     "pretrained": (),
-    "pretrained_visible_only": ("objective.visible_only=true",),  # MIM encodes visible tokens only
+    # MIM encodes visible tokens only; it needs mask cells of whole stride-32 tokens (the configs mask 16 px)
+    "pretrained_visible_only": ("objective.visible_only=true", "objective.mask_patch_size=32"),
 }
 
 
@@ -282,7 +283,7 @@ def collect(work_root: Path) -> list[dict]:
                     "labelled": labelled,
                     "score": round(_score(metrics, name == "isbi"), 4),
                     "cpu_s": _cpu(run),
-                    "pretrain_cpu_s": pre_cpu.get(method.split("+")[0]) or 0.0,
+                    "pretrain_cpu_s": pre_cpu.get(method.split("+")[0]) if "pretrained" in method else 0.0,
                 }
             )
     return rows
@@ -291,6 +292,10 @@ def collect(work_root: Path) -> list[dict]:
 def _cpu(run: Path) -> float | None:
     info = run / "label_efficiency_run.json"
     return json.loads(info.read_text())["cpu_s"] if info.is_file() else None
+
+
+def _cpu_text(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.0f}"
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -310,7 +315,7 @@ def summary_table(rows: list[dict]) -> str:
         lines.append(
             f"| {dataset} | {method} | {fraction:g} | {'/'.join(map(str, labelled)) or '-'} | {len(rs)} | "
             f"{statistics.mean(scores):.4f} ({min(scores):.4f}-{max(scores):.4f}) | "
-            f"{statistics.mean(cpu):.0f} | {rs[0]['pretrain_cpu_s'] or 0:.0f} |"
+            f"{statistics.mean(cpu):.0f} | {_cpu_text(rs[0]['pretrain_cpu_s'])} |"
             if cpu
             else f"| {dataset} | {method} | {fraction:g} | - | {len(rs)} | {statistics.mean(scores):.4f} | - | - |"
         )
