@@ -218,15 +218,15 @@ def test_deployment_report_on_isbi(isbi_model, tmp_path):
         for i, m in zip(images, masks)
     ]
     entries = [
-        {"name": "student", "model": isbi_model["model"]},
-        {"name": "student-onnx-fp32", "onnx": isbi_model["fp32"], "model": isbi_model["model"]},
-        {"name": "student-onnx-int8", "onnx": isbi_model["int8"]},
+        {"name": "student (PyTorch)", "model": isbi_model["model"]},
+        {"name": "student (ONNX fp32)", "onnx": isbi_model["fp32"], "model": isbi_model["model"]},
+        {"name": "student (ONNX int8)", "onnx": isbi_model["int8"]},
     ]
     report = deployment_report(
         tmp_path, entries, samples, num_classes=2, train_crop=(96, 96), runs=3, warmup=1
     )
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert [e["name"] for e in saved["entries"]] == ["student", "student-onnx-fp32", "student-onnx-int8"]
+    assert [e["name"] for e in saved["entries"]] == [e["name"] for e in entries]
     eager, fp32, int8 = report["entries"]
     n_params = sum(p.numel() for p in isbi_model["model"].parameters())
     assert eager["params"] == fp32["params"] == n_params
@@ -245,7 +245,12 @@ def test_deployment_report_on_isbi(isbi_model, tmp_path):
     # PyTorch's runtime alone takes more memory than onnxruntime's
     assert eager["peak_rss_mib"] > fp32["peak_rss_mib"]
     markdown = (tmp_path / "report.md").read_text()
-    assert "| student-onnx-int8 |" in markdown
+    assert "| student (ONNX int8) |" in markdown
+    # the choice: the fastest exported row (full-image latency) within 0.01 mIoU of the PyTorch model
+    within = [e for e in (fp32, int8) if e["miou"] >= eager["miou"] - 0.01]
+    fastest = min(within, key=lambda e: e["latency_full_image"]["median_ms"])
+    assert saved["choice"]["student"]["chosen"] == fastest["name"]
+    assert f"deploy **{fastest['name']}** on this CPU" in markdown
     assert f"| {eager['peak_rss_mib']:.0f} (+{eager['peak_above_baseline_mib']:.1f}) |" in markdown
     from PIL import Image
 

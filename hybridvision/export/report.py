@@ -30,6 +30,7 @@ from ..deploy.runtime import (
 from ..deploy.runtime import predict_sliding_window as np_predict_sliding_window
 from ..deploy.runtime import predict_whole as np_predict_whole
 from ..models.profile import count_gmacs
+from .choice import choice_lines, choose_runtimes
 from .memory import peak_memory
 from .onnx import unwrap_segmenter
 from .quantize import as_array
@@ -156,6 +157,7 @@ def deployment_report(
         "cpu": cpu_name(),
         "cpu_features": cpu_features(),
         "entries": rows,
+        "choice": choose_runtimes(rows),  # per model: the fastest runtime within 0.01 mIoU of fp32
     }
     _write_report(out_dir, report)
     return report
@@ -434,6 +436,7 @@ def _report_markdown(report: dict[str, Any]) -> str:
             f"{f['median_ms']:.2f} ({f['p25_ms']:.2f}-{f['p75_ms']:.2f}) @ {f['size'][0]}x{f['size'][1]} | "
             f"{_fmt(r['peak_rss_mib'], '.0f')} (+{_fmt(r['peak_above_baseline_mib'], '.1f')}) | {r['miou']:.4f} |"
         )
+    lines += ["", *choice_lines(report.get("choice") or {})]
     return "\n".join(lines) + "\n"
 
 
