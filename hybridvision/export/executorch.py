@@ -194,7 +194,7 @@ def _program_metadata(metadata: dict[str, Any], seg: Segmenter, max_size: int, f
 
 
 def _write(path: Path, program: bytes, metadata: dict[str, Any]) -> None:
-    """Write the program and then its JSON (the ``.pte`` never names metadata of another program)."""
+    """Write the program and its metadata JSON beside it, each atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -281,20 +281,27 @@ def export_executorch(
     # a fixed ONNX graph gives a fixed program; a dynamic one is tried first
     attempts = [True] if metadata.get("input_size") else [False, True] if fixed_size_fallback else [False]
     reason = ""
-    with _exporting(seg), _exporting(traced):
-        for fixed in attempts:
-            program_meta = _program_metadata(metadata, traced, max_size, fixed)
-            reason = _export_checked(seg, traced, out, program_meta, atol if verify else None)
-            if not reason:
-                return out
-            if not fixed and fixed_size_fallback:
-                _logger.warning(
-                    "%s: no dynamic ExecuTorch program (%s): exported at the fixed input size %dx%d; "
-                    "predictors slide windows of that size",
-                    name,
-                    reason,
-                    *metadata["train_crop"],
-                )
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.pte")  # checked before it replaces ``out``
+    try:
+        with _exporting(seg), _exporting(traced):
+            for fixed in attempts:
+                program_meta = _program_metadata(metadata, traced, max_size, fixed)
+                reason = _export_checked(seg, traced, tmp, program_meta, atol if verify else None)
+                if not reason:
+                    _write(out, tmp.read_bytes(), program_meta)
+                    return out
+                if not fixed and fixed_size_fallback:
+                    _logger.warning(
+                        "%s: no dynamic ExecuTorch program (%s): exported at the fixed input size %dx%d; "
+                        "predictors slide windows of that size",
+                        name,
+                        reason,
+                        *metadata["train_crop"],
+                    )
+    finally:
+        for f in (tmp, metadata_path(tmp)):
+            if f.exists():
+                f.unlink()
     raise ExportError(f"{out}: {reason}")
 
 
