@@ -1,4 +1,4 @@
-"""Latency of every installed runtime (PyTorch eager, onnxruntime fp32/int8, OpenVINO fp32/bf16/int8), in one run.
+"""Latency of every installed runtime (PyTorch, onnxruntime, OpenVINO, ExecuTorch; fp32/bf16/int8), in one run.
 
     python benchmarks/export.py                                   # zoo models, random weights
     python benchmarks/export.py --teacher runs/finetune/model --student runs/distill/model \\
@@ -6,7 +6,8 @@
 
 Each model is exported (``hybridvision.export.export_onnx``) and statically quantized to int8
 (onnxruntime: QDQ, per-channel weights; OpenVINO, when installed: the IR converted from that ONNX
-file, bf16 where the CPU has it, and NNCF int8), calibrated on ``--calibration`` images or, without
+file, bf16 where the CPU has it, and NNCF int8; ExecuTorch, when installed: XNNPACK fp32 and PT2E
+int8), calibrated on ``--calibration`` images or, without
 it, on random normal inputs (enough for timing, not for accuracy). Batch 1, ``--threads`` CPU
 threads for every runtime, repetitions interleaved across the runtimes after warmup; prints
 medians, the p25-p75 spread, the speed-up against PyTorch eager and against onnxruntime fp32, and
@@ -54,7 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--extra", nargs="*", default=["timm/fastvit_t8"], help="more models (zoo names, timm/...)"
     )
     p.add_argument(
-        "--runtimes", nargs="+", default=["onnxruntime", "openvino"], help="runtimes beside onnxruntime"
+        "--runtimes",
+        nargs="+",
+        default=["onnxruntime", "openvino", "executorch"],
+        help="runtimes beside onnxruntime (each where installed)",
     )
     return p.parse_args(argv)
 
@@ -108,6 +112,14 @@ def runtimes(
         if bf16_supported():
             found["openvino bf16"] = (OpenVinoSegmenter(xml, args.threads, bf16=True), xml)
         found["openvino int8"] = (OpenVinoSegmenter(xml8, args.threads), xml8)
+    if importlib.util.find_spec("executorch") is not None and "executorch" in args.runtimes:
+        from hybridvision.deploy.executorch_runtime import ExecuTorchSegmenter
+        from hybridvision.export.executorch import export_executorch, quantize_executorch_int8
+
+        pte = export_executorch(model, fp32_path, tmp / f"{role}.pte")
+        pte8 = quantize_executorch_int8(model, pte, tmp / f"{role}.int8.pte", calibration)
+        found["executorch fp32"] = (ExecuTorchSegmenter(pte, args.threads), pte)
+        found["executorch int8"] = (ExecuTorchSegmenter(pte8, args.threads), pte8)
     return found
 
 
