@@ -364,23 +364,24 @@ def _panel(draw, dataset: str, rows: list[dict], x0: int, panel: tuple[int, int]
         draw.text((px(f, lo)[0] - 10, h - margin + 5), f"{f:g}", fill=black)
     for s in (lo, (lo + hi) / 2, hi):
         draw.text((x0 + 5, px(fractions[0], s)[1] - 5), f"{s:.3f}", fill=black)
-    for i, (method, colour) in enumerate(COLOURS.items()):
-        by_f: dict[float, list[float]] = {}
-        for r in rows:
-            if r["method"] == method:
-                by_f.setdefault(r["fraction"], []).append(r["score"])
+    curves: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        curves.setdefault(r["method"], {}).setdefault(r["fraction"], []).append(r["score"])
+    for method, by_f in curves.items():  # every band first, so no band hides a line
         pts = sorted(by_f)
-        if not pts:
-            continue
         if len(pts) > 1:
             band = [px(f, max(by_f[f])) for f in pts] + [px(f, min(by_f[f])) for f in reversed(pts)]
-            draw.polygon(band, fill=tuple(int(c + (255 - c) * 0.75) for c in colour))
-        line = [px(f, statistics.mean(by_f[f])) for f in pts]
+            draw.polygon(band, fill=tuple(int(c + (255 - c) * 0.8) for c in COLOURS.get(method, black)))
+    for i, (method, colour) in enumerate(COLOURS.items()):
+        by_f = curves.get(method, {})
+        if not by_f:
+            continue
+        line = [px(f, statistics.mean(by_f[f])) for f in sorted(by_f)]
         if len(line) > 1:
             draw.line(line, fill=colour, width=2)
         for x, y in line:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        draw.text((x0 + margin + 5, margin + 5 + 12 * i), method, fill=colour)
+        draw.text((x0 + margin + 5, h - margin - 14 * (len(COLOURS) - i)), method, fill=colour)
 
 
 def main() -> None:
