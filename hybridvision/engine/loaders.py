@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +11,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .seeding import EpochSeeded, SeededDataset, SeededIterableDataset
-from .signals import WorkerInit
+from .signals import WorkerInit, stop_signals_blocked
 
 if TYPE_CHECKING:
     from .checkpoints import TrainerState
@@ -102,6 +103,10 @@ def prepare_loader(accelerator: Accelerator, loader: DataLoader) -> DataLoader:
     return accelerator.prepare_data_loader(loader)
 
 
+#: end of an epoch's batches
+_END = object()
+
+
 def endless_batches(
     loader: DataLoader, state: TrainerState, accelerator: Accelerator, seeded: EpochSeeded | None
 ) -> Iterator[Any]:
@@ -121,7 +126,10 @@ def endless_batches(
         epoch_loader = _epoch_loader(loader, state, accelerator, seeded, iterable)
         skip = state.batch_in_epoch
         produced = 0
-        for i, batch in enumerate(epoch_loader):
+        iterator = iter(epoch_loader)
+        with stop_signals_blocked():  # workers start (first batch) with SIGINT/SIGTERM held back
+            first = next(iterator, _END)
+        for i, batch in enumerate(itertools.chain([first], iterator) if first is not _END else ()):
             if iterable and i < skip:
                 continue
             produced += 1

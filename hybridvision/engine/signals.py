@@ -8,8 +8,9 @@ SIGTERM), recorded here and read back by stage scripts through :func:`pending_ex
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: exit status of the last interrupted ``fit`` in this process (0: none), see :func:`pending_exit_code`
@@ -71,6 +72,29 @@ class StopFlag:
         self.signum = signum
 
 
+#: the signals a scheduler or a terminal stops a run with
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back (not lost: delivered on exit) while DataLoader workers start.
+
+    A worker is forked with the main process's handlers and only ignores the stop signals once
+    :class:`WorkerInit` runs; a signal to the process group in between (a loaded machine makes the
+    window seconds long) killed the worker and failed the run instead of checkpointing it. Forked
+    workers inherit the blocked mask, and :class:`WorkerInit` unblocks it after ignoring both.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (and no fork)
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class WorkerInit:
     """``worker_init_fn`` of training loaders: workers ignore SIGINT/SIGTERM.
 
@@ -88,5 +112,8 @@ class WorkerInit:
         """Make DataLoader worker ``worker_id`` ignore SIGINT/SIGTERM, then run the wrapped init function."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # started under stop_signals_blocked(): a signal held back since the fork is dropped here
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         if self.inner is not None:
             self.inner(worker_id)

@@ -545,3 +545,23 @@ def test_fewer_samples_than_a_batch_are_repeated_to_fill_one(tmp_path: Path):
     result = eng.fit(model, data, _mse_step)
     assert result["step"] == 2
     eng.close()
+
+
+def test_stop_signals_are_held_back_while_workers_start_not_lost():
+    """A SIGTERM while DataLoader workers start waits for the workers to ignore it, then reaches the run."""
+    import os
+    import signal
+
+    from hybridvision.engine.signals import stop_signals_blocked
+
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with stop_signals_blocked():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == []  # held back while blocked
+            assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert received == [signal.SIGTERM]  # delivered once unblocked
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
