@@ -13,7 +13,6 @@ decoder (all but its output layer, which reconstructed pixels).
 from __future__ import annotations
 
 import dataclasses
-
 import sys
 from pathlib import Path
 

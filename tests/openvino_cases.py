@@ -30,50 +30,23 @@ from hybridvision.deploy.runtime import (
 )
 from hybridvision.export import deployment_report, peak_memory
 from hybridvision.export.openvino import ir_head_nodes
-from hybridvision.models import create_segmenter, save_pretrained
+from tests.export_cases import DATA, export_perturbed
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = {"image_size": [32, 32], "normalize": "imagenet", "ignore_index": 255}
 FAMILIES = [
     pytest.param("unet_resnet_nano", id="cnn"),
     pytest.param("hybrid_nano", id="attention", marks=pytest.mark.slow),  # NNCF ModelType.TRANSFORMER
 ]
 
 
-def _images(folder: Path, count: int, seed: int) -> Path:
-    """``count`` smooth RGB images (a random model's labels are not all noise on them)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    for i in range(count):
-        low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        Image.fromarray(low).resize((77, 58), Image.BILINEAR).save(folder / f"{i:02d}.png")
-    return folder
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def exported(request, tmp_path_factory):
     """A randomly perturbed segmenter saved, exported by distill/export.py for onnx and openvino,
     fp32 and int8 (calibrated on 4 images, agreement on 4 held-out ones)."""
-    tmp = tmp_path_factory.mktemp(request.param)
-    torch.manual_seed(0)
-    model = create_segmenter(request.param, num_classes=3).eval()
-    with torch.no_grad():  # as after training: no equal tensors folded together
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    save_pretrained(model, tmp / "model", extra={"run_config": {"data": DATA}})
-    images = _images(tmp / "images", 8, seed=0)
-    summary = export_from_dir(
-        str(tmp / "model"),
-        tmp / "m.onnx",
-        int8=True,
-        calibration=str(images),
-        calibration_count=4,
-        targets=("onnx", "openvino"),
-    )
-    return {"tmp": tmp, "model": model, "summary": summary, "images": images}
+    return export_perturbed(request.param, tmp_path_factory.mktemp(request.param), ("onnx", "openvino"))
 
 
 def test_export_writes_every_artefact_with_the_onnx_metadata(exported):

@@ -38,9 +38,10 @@ from hybridvision.export import deployment_report, peak_memory
 from hybridvision.export.executorch import _folded_graph, _quantizer, fx_head_nodes
 from hybridvision.inference import predict_sliding_window
 from hybridvision.models import create_segmenter, save_pretrained
+from tests.export_cases import DATA, export_perturbed
+from tests.export_cases import images as _images
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = {"image_size": [32, 32], "normalize": "imagenet", "ignore_index": 255}
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]  # written out: no shared code
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
 FAMILIES = [  # slow: the fixture exports and quantizes (~50 s for the CNN, ~130 s for attention)
@@ -63,39 +64,13 @@ needs_executorch = pytest.mark.skipif(
 )
 
 
-def _images(folder: Path, count: int, seed: int) -> Path:
-    """``count`` smooth RGB images (a random model's labels are not all noise on them)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    for i in range(count):
-        low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        Image.fromarray(low).resize((77, 58), Image.BILINEAR).save(folder / f"{i:02d}.png")
-    return folder
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def exported(request, tmp_path_factory):
     """A randomly perturbed segmenter saved, exported by distill/export.py for onnx and executorch,
     fp32 and int8 (calibrated on 4 images, agreement on 4 held-out ones)."""
     if not _executorch_installed():
         pytest.skip('executorch is not installed: pip install -e ".[executorch]"')
-    tmp = tmp_path_factory.mktemp(request.param)
-    torch.manual_seed(0)
-    model = create_segmenter(request.param, num_classes=3).eval()
-    with torch.no_grad():  # as after training: no equal tensors folded together
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    save_pretrained(model, tmp / "model", extra={"run_config": {"data": DATA}})
-    images = _images(tmp / "images", 8, seed=0)
-    summary = export_from_dir(
-        str(tmp / "model"),
-        tmp / "m.onnx",
-        int8=True,
-        calibration=str(images),
-        calibration_count=4,
-        targets=("onnx", "executorch"),
-    )
-    return {"tmp": tmp, "name": request.param, "model": model, "summary": summary, "images": images}
+    return export_perturbed(request.param, tmp_path_factory.mktemp(request.param), ("onnx", "executorch"))
 
 
 def test_export_writes_every_artefact_with_the_onnx_metadata(exported):
