@@ -204,22 +204,21 @@ class SwinTransformer(Encoder):
         self.norm = norm_layer(dims[-1])
         self.apply(trunc_normal_init)
 
+    def _stage_norm(self, i: int, x: Tensor) -> Tensor:
+        """Stage ``i``'s returned feature: the final ``norm`` for the last, ``stage_norms[i]`` (if any) before."""
+        if i == len(self.layers) - 1:
+            return self.norm(x)
+        return self.stage_norms[i](x) if self.stage_norms is not None else x
+
     def _forward_features(self, x: Tensor, mask: Tensor | None, mask_token: Tensor | None) -> list[Tensor]:
         x = self.patch_embed(x)  # (B, H/4, W/4, C)
         if mask is not None:
             x = apply_token_mask(x.permute(0, 3, 1, 2), mask, mask_token).permute(0, 2, 3, 1)
         feats = []
-        last = len(self.layers) - 1
         for i, stage in enumerate(self.layers):
             x = stage(x)  # (B, h_i, w_i, C_i)
-            if i == last:
-                out = self.norm(x)
-            elif self.stage_norms is not None:
-                out = self.stage_norms[i](x)
-            else:
-                out = x
             # (B, C_i, h_i, w_i) as a channels_last view: no copy (decoders' convs take it as is)
-            feats.append(out.permute(0, 3, 1, 2))
+            feats.append(self._stage_norm(i, x).permute(0, 3, 1, 2))
         return feats
 
     encodes_visible_only = True
@@ -230,20 +229,14 @@ class SwinTransformer(Encoder):
         tokens = VisibleTokens.from_mask(mask, (embedded.shape[1], embedded.shape[2]))
         y = self.patch_embed.norm(tokens.gather(embedded))  # (M, C)
         feats = []
-        last = len(self.layers) - 1
         for i, module in enumerate(self.layers):
             stage = cast(SwinStage, module)
             if i > 0:
                 tokens, children = tokens.merged()
                 y = cast(PatchMerging, stage.downsample).merge_tokens(y, children)  # (M_i, C_i)
             y = visible_swin_stack(stage.blocks, y, tokens)
-            if i == last:
-                out = self.norm(y)
-            elif self.stage_norms is not None:
-                out = self.stage_norms[i](y)
-            else:
-                out = y
-            feats.append(tokens.scatter(out).permute(0, 3, 1, 2))  # (B, C_i, h_i, w_i), 0 where masked
+            # (B, C_i, h_i, w_i), 0 where masked
+            feats.append(tokens.scatter(self._stage_norm(i, y)).permute(0, 3, 1, 2))
         return feats
 
     def no_weight_decay(self) -> set[str]:
