@@ -140,10 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     print("-" * len(header))
     models = [("teacher", args.teacher), ("student", args.student), *(("extra", m) for m in args.extra)]
     with tempfile.TemporaryDirectory() as tmp:
-        for role, spec in models:
+        for index, (role, spec) in enumerate(models):
             model, data = build(spec, args)
             in_chans = int(model.build_kwargs["in_chans"])
-            found = runtimes(f"{role}{len(spec)}", model, data, Path(tmp), args)
+            found = runtimes(f"{role}{index}", model, data, Path(tmp), args)  # unique file names
             x = np.random.default_rng(1).standard_normal((1, in_chans, *args.size)).astype(np.float32)
             for fn, _ in found.values():
                 for _ in range(args.warmup):

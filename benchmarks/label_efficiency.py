@@ -188,7 +188,6 @@ def plan_runs(
 def execute(runs: list[Run], jobs: int, log_dir: Path) -> None:
     """Run what is not done yet, ``jobs`` at a time, each after the runs it depends on."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    by_name = {r.name: r for r in runs}
     finished = {r.name for r in runs if r.done}
     failed: set[str] = set()
     pending = [r for r in runs if not r.done]
@@ -238,7 +237,6 @@ def execute(runs: list[Run], jobs: int, log_dir: Path) -> None:
             (finished if code == 0 else failed).add(name)
     if failed:
         print(f"failed: {sorted(failed)} (logs in {log_dir})")
-    del by_name
 
 
 def _first_done(futures: dict):
