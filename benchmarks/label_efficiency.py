@@ -313,9 +313,7 @@ def summary_table(rows: list[dict]) -> str:
         lines.append(
             f"| {dataset} | {method} | {fraction:g} | {'/'.join(map(str, labelled)) or '-'} | {len(rs)} | "
             f"{statistics.mean(scores):.4f} ({min(scores):.4f}-{max(scores):.4f}) | "
-            f"{statistics.mean(cpu):.0f} | {_cpu_text(rs[0]['pretrain_cpu_s'])} |"
-            if cpu
-            else f"| {dataset} | {method} | {fraction:g} | - | {len(rs)} | {statistics.mean(scores):.4f} | - | - |"
+            f"{_cpu_text(statistics.mean(cpu) if cpu else None)} | {_cpu_text(rs[0]['pretrain_cpu_s'])} |"
         )
     lines.append("")
     lines.append("Score: CamVid test mIoU (11 classes); ISBI membrane (foreground) IoU on slices 25-29.")

@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import multiprocessing.util
 import re
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def _load(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses with postponed annotations look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -257,3 +259,54 @@ def test_backbone_overhead_benchmark_runs(isolated: tuple[Path, Path], capsys: p
     assert loops[bench.BARE]["ratio"] == 1.0
     assert "\nconvnextv2_atto\n" in out and out.count("\ntarget ours") == 2
     assert _left_behind(isolated) == []
+
+
+def test_label_efficiency_plan_and_summary(tmp_path: Path):
+    """The plan's runs and dependencies, and the table of finished runs (a student's labels are its teacher's)."""
+    import json
+
+    bench = _load("label_efficiency")
+    plan = bench.Plan(
+        data=str(tmp_path / "data"),
+        finetune="f.yaml",
+        pretrain="p.yaml",
+        pool={"train": ["3"], "test": []},
+        fractions=(0.5, 1.0),
+        self_training=(0.5,),
+    )
+    for split, ids in {"train": ["1", "2", "3"], "test": ["9"]}.items():
+        (tmp_path / "data" / "images" / split).mkdir(parents=True)
+        for i in ids:
+            (tmp_path / "data" / "images" / split / f"{i}.png").write_bytes(b"")
+    work = tmp_path / "work" / "camvid"
+    runs = bench.plan_runs("camvid", plan, [0], work, 10, ["pretrained"])
+    assert sorted(p.name for p in (work / "pool").iterdir()) == ["test_9.png", "train_1.png", "train_2.png"]
+    names = [r.name for r in runs]
+    assert (
+        names[0] == "camvid/pretrain" and len(runs) == 1 + 2 * 2 + 2
+    )  # pretrain, 2 fractions x 2 inits, 2 students
+    by_name = {r.name: r for r in runs}
+    assert by_name["camvid/pretrained_f0.5_s0"].after == ("camvid/pretrain",)
+    assert by_name["camvid/scratch+self_training_f0.5_s0"].after == ("camvid/scratch_f0.5_s0",)
+    assert "data.label_fraction=0.5" in by_name["camvid/scratch_f0.5_s0"].argv
+    # finished runs -> rows; a partial metrics.json is not finished
+    for name, metrics in {
+        "scratch_f0.5_s0": {"miou": 0.3, "labelled_ids": ["a", "b"]},
+        "scratch_f1.0_s0": {"miou": 0.4},
+        "scratch+self_training_f0.5_s0": {"student": {"miou": 0.35}},
+        "pretrained_f0.5_s0": {"step": 3, "partial": True},
+    }.items():
+        (work / name).mkdir(parents=True)
+        (work / name / "metrics.json").write_text(json.dumps(metrics))
+    rows = bench.collect(tmp_path / "work")
+    got = {(r["method"], r["fraction"]): (r["score"], r["labelled"]) for r in rows}
+    assert got == {
+        ("scratch", 0.5): (0.3, 2),
+        ("scratch", 1.0): (0.4, "all"),
+        ("scratch+self_training", 0.5): (0.35, 2),
+    }
+    assert not by_name["camvid/pretrained_f0.5_s0"].done and by_name["camvid/scratch_f0.5_s0"].done
+    table = bench.summary_table(rows)
+    assert "| camvid | scratch | 0.5 | 2 | 1 | 0.3000 (0.3000-0.3000) | - | 0 |" in table
+    bench.plot(rows, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
